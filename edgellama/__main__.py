@@ -1,0 +1,3 @@
+from edgellama.cli import main
+
+raise SystemExit(main())

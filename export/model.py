@@ -1,0 +1,163 @@
+"""Llama 3 in plain torch, written for export: readable top to bottom, no framework ceremony.
+
+Covers RMSNorm, grouped-query attention with any heads-to-KV-heads ratio, head_dim
+independent of hidden/heads, plain and llama3-scaled RoPE, SwiGLU, and tied or
+untied embeddings. The KV cache is explicit (past in, present out) so the same
+module serves parity checks, ONNX verification and Core ML tracing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgellama.errors import EdgeLlamaError
+from edgellama.export.config import LlamaConfig, rope_inv_freq
+
+KV = list[tuple[Tensor, Tensor]]  # per layer: key, value as [batch, kv_heads, seq, head_dim]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class LlamaModel(nn.Module):
+    """Module names follow Hugging Face's, so checkpoints load by name with no mapping table."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.tensor(rope_inv_freq(cfg), dtype=torch.float32), persistent=False)
+
+    def lm_head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # [b, 1, s, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        past: KV | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, KV]:
+        """Logits for every position, and the updated cache. attention_mask covers past + new tokens (1 = keep)."""
+        b, s = input_ids.shape
+        p = past[0][0].shape[2] if past else 0
+        if position_ids is None:
+            position_ids = torch.arange(p, p + s, device=input_ids.device).expand(b, s)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        q_idx = torch.arange(p, p + s, device=x.device)[:, None]
+        allowed = torch.arange(p + s, device=x.device)[None, :] <= q_idx  # causal [s, p+s]
+        allowed = allowed[None, None].expand(b, 1, s, p + s)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :].bool()
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        presents: KV = []
+        for i, layer in enumerate(self.model.layers):
+            x, present = layer(x, cos, sin, mask, past[i] if past else None)
+            presents.append(present)
+        x = self.model.norm(x)
+        return F.linear(x, self.lm_head_weight()), presents
+
+    @classmethod
+    def from_source(cls, source, dtype: torch.dtype = torch.float32) -> "Llama":
+        """Build on the meta device, then load tensor by tensor: one copy of the weights, never two."""
+        cfg = source.config
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        present = set(source.tensors.names())
+        missing = [n for n in expected if n not in present]
+        if missing:
+            raise EdgeLlamaError(f"checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        state = {}
+        for name, shape in expected.items():
+            got = tuple(source.tensors.shape(name))
+            if got != shape:
+                raise EdgeLlamaError(f"tensor {name!r} has shape {list(got)} but the config implies {list(shape)}")
+            state[name] = torch.from_numpy(source.tensors.get(name)).to(dtype)
+        model.load_state_dict(state, assign=True, strict=False)
+        model.inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
+        return model.eval()

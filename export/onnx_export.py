@@ -1,0 +1,202 @@
+"""Checkpoint -> verified ONNX bundle, written atomically.
+
+source --load_source--> Source --build_llama_graph--> model.onnx (+ data) --> tokenizer files,
+config.json, genai_config.json --> parity check against the torch model --> edgellama.json --> rename.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgellama import __version__
+from edgellama.errors import EdgeLlamaError
+from edgellama.export.config import LlamaConfig
+from edgellama.export.onnx_graph import INLINE_LIMIT, OPSET, GraphOptions, WeightSink, build_llama_graph, save_graph
+from edgellama.export.sources import Source, load_source
+from edgellama.export.tokenizer_prep import PreparedTokenizer, prepare_tokenizer
+from edgellama.fsutil import atomic_dir
+from edgellama.runtime import bundle as B
+
+DEFAULT_EXPORT_CONTEXT = 8192
+
+
+@dataclass
+class ExportOptions:
+    form: str = "fast"  # fast | portable
+    dtype: str = "fp32"  # fp32 | fp16
+    max_context: int | None = None
+    logits: str = "last"  # last | all
+    quant: dict[str, Any] | None = None  # options for edgellama.quantize (bits, block_size, method, ...)
+    verify: bool = True
+    force: bool = False
+    threads: int = 0  # 0: physical cores, detected by the runtime at load
+    device: str | None = None
+
+
+@dataclass
+class ExportReport:
+    out: str
+    seconds: float
+    size_bytes: int
+    verification: dict[str, Any] | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _estimate_bytes(cfg: LlamaConfig, dtype: str) -> int:
+    return cfg.param_count() * (2 if dtype == "fp16" else 4)
+
+
+def write_genai_config(out: Path, cfg: LlamaConfig, manifest: B.Manifest) -> None:
+    """onnxruntime-genai reads this; with it the bundle also runs in its Android/iOS/C/C# APIs."""
+    g = manifest.graph
+    threads = manifest.session_options.get("intra_op_num_threads") or 0
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                            **({"intra_op_num_threads": threads} if threads else {})},
+        "filename": g.file,
+        "head_size": cfg.head_dim,
+        "hidden_size": cfg.hidden_size,
+        "inputs": {"input_ids": B.INPUT_IDS, "attention_mask": B.ATTENTION_MASK,
+                   "past_key_names": B.past_name(0, "key").replace(".0.", ".%d."),
+                   "past_value_names": B.past_name(0, "value").replace(".0.", ".%d.")},
+        "outputs": {"logits": B.LOGITS, "present_key_names": B.present_name(0, "key").replace(".0.", ".%d."),
+                    "present_value_names": B.present_name(0, "value").replace(".0.", ".%d.")},
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+    }
+    if any(s.name == B.POSITION_IDS for s in g.inputs):
+        decoder["inputs"]["position_ids"] = B.POSITION_IDS
+    conf = {
+        "model": {
+            "bos_token_id": manifest.tokens.bos_id,
+            "context_length": manifest.context_length,
+            "decoder": decoder,
+            "eos_token_id": manifest.tokens.eos_ids,
+            "pad_token_id": manifest.tokens.pad_id if manifest.tokens.pad_id is not None else manifest.tokens.eos_ids[0],
+            "type": "llama",
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": manifest.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": g.past_present_share_buffer,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+    (out / B.GENAI_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
+
+
+def write_tokenizer_files(out: Path, tok: PreparedTokenizer) -> None:
+    (out / "tokenizer.json").write_text(json.dumps(tok.tokenizer_json, ensure_ascii=False), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(tok.tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    (out / B.GENERATION_CONFIG).write_text(json.dumps(tok.generation_config, indent=2) + "\n")
+
+
+def finish_manifest(out: Path, manifest: B.Manifest) -> None:
+    """Checksum every file, then write the manifest last: its presence marks a complete bundle."""
+    manifest.files = B.checksum_tree(out)
+    (out / B.MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+
+
+def export_onnx(
+    source: str | Source,
+    out: str | Path,
+    opts: ExportOptions | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> ExportReport:
+    opts = opts or ExportOptions()
+    t0 = time.perf_counter()
+    if opts.form not in ("fast", "portable"):
+        raise EdgeLlamaError(f"unknown graph form {opts.form!r} (fast or portable)")
+    if opts.dtype not in ("fp32", "fp16"):
+        raise EdgeLlamaError(f"unsupported dtype {opts.dtype!r} (fp32 or fp16)")
+    src = source if isinstance(source, Source) else load_source(source)
+    cfg = src.config
+    ctx = opts.max_context or min(cfg.max_position_embeddings, DEFAULT_EXPORT_CONTEXT)
+    if ctx < 1 or ctx > cfg.max_position_embeddings:
+        raise EdgeLlamaError(f"--max-context {ctx} is outside the model's range (1..{cfg.max_position_embeddings})")
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        log(f"edgellama: warning: {msg}")
+
+    tok = prepare_tokenizer(src, cfg, warn)
+    _check_tensors(src)
+    emitter = None
+    quant_info = None
+    if opts.quant:
+        from edgellama.quantize.onnx_weights import make_emitter  # export -> quantize, never the reverse
+
+        emitter, quant_info = make_emitter(cfg, opts.quant, form=opts.form)
+
+    gopts = GraphOptions(form=opts.form, dtype=opts.dtype, max_context=ctx, logits=opts.logits)
+    with atomic_dir(out, force=opts.force) as tmp:
+        external = _estimate_bytes(cfg, opts.dtype) > INLINE_LIMIT
+        sink = WeightSink(tmp / B.ONNX_DATA if external else None)
+        try:
+            result = build_llama_graph(cfg, src.tensors.get, gopts, sink, emitter,
+                                       progress=lambda i, n: log(f"\rexport: layer {i}/{n}") if n >= 8 and i % 4 == 0 else None)
+        finally:
+            sink.close()
+        save_graph(result, tmp)
+        del result.model
+        graph = B.GraphInfo(kind="onnx", file=B.ONNX_MODEL, form=opts.form, attention=result.attention,
+                            past_present_share_buffer=result.share_buffer, logits=opts.logits, opset=OPSET,
+                            inputs=result.inputs, outputs=result.outputs)
+        session = {"intra_op_num_threads": opts.threads}
+        if quant_info and quant_info.get("session_config"):
+            session["config_entries"] = quant_info.pop("session_config")
+        manifest = B.Manifest(
+            source=src.description, architecture=cfg.to_hf(), dtype=opts.dtype, graph=graph, context_length=ctx,
+            tokens=tok.tokens, chat_template=tok.chat_template, quantization=quant_info, session_options=session,
+            created_by=f"edgellama {__version__}",
+        )
+        write_tokenizer_files(tmp, tok)
+        (tmp / B.HF_CONFIG).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+        write_genai_config(tmp, cfg, manifest)
+        verification = None
+        if opts.verify:
+            from edgellama.export.verify import verify_onnx_bundle
+
+            verification = verify_onnx_bundle(tmp, manifest, src, log=log)
+            manifest.extras["verification"] = verification
+        finish_manifest(tmp, manifest)
+        size = sum((tmp / f).stat().st_size for f in manifest.files) + (tmp / B.MANIFEST).stat().st_size
+    return ExportReport(out=str(out), seconds=time.perf_counter() - t0, size_bytes=size,
+                        verification=verification, warnings=warnings)
+
+
+def _check_tensors(src: Source) -> None:
+    """Every tensor the graph needs exists with the shape the config implies, before anything is written."""
+    cfg = src.config
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    want = {"model.embed_tokens.weight": (cfg.vocab_size, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        want["lm_head.weight"] = (cfg.vocab_size, H)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        want.update({
+            f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
+            f"{p}.self_attn.q_proj.weight": (cfg.num_attention_heads * hd, H),
+            f"{p}.self_attn.k_proj.weight": (cfg.num_key_value_heads * hd, H),
+            f"{p}.self_attn.v_proj.weight": (cfg.num_key_value_heads * hd, H),
+            f"{p}.self_attn.o_proj.weight": (H, cfg.num_attention_heads * hd),
+            f"{p}.mlp.gate_proj.weight": (I, H), f"{p}.mlp.up_proj.weight": (I, H), f"{p}.mlp.down_proj.weight": (H, I),
+        })
+    have = set(src.tensors.names())
+    for name, shape in want.items():
+        if name not in have:
+            raise EdgeLlamaError(f"checkpoint is missing tensor {name!r}")
+        got = tuple(src.tensors.shape(name))
+        if got != shape:
+            raise EdgeLlamaError(f"tensor {name!r} has shape {list(got)} but the config implies {list(shape)}")

@@ -1,0 +1,182 @@
+"""One onnxruntime session and its KV cache: feed tokens, get next-token logits.
+
+The cache is allocated once, for the context actually requested. With the fast graph
+(past/present share buffer) every step binds the same buffers as input and output
+through IO binding, so decoding allocates and copies no cache. With the portable graph,
+each step's `present` OrtValues become the next step's `past` without touching numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgellama.errors import EdgeLlamaError
+from edgellama.runtime import bundle as B
+
+DEFAULT_CONTEXT = 4096
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+
+def physical_cores() -> int:
+    """Cores this process may use, counting SMT siblings once (onnxruntime's best intra-op setting)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        siblings = int(next(l.split(":")[1] for l in text.splitlines() if l.startswith("siblings")))
+        cores = int(next(l.split(":")[1] for l in text.splitlines() if l.startswith("cpu cores")))
+        if siblings > cores > 0:
+            return max(1, usable * cores // siblings)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return max(1, usable)
+
+
+def resolve_provider(name: str | None) -> str:
+    if name is None:
+        return PROVIDERS["cpu"]
+    full = PROVIDERS.get(name.lower(), name)
+    available = ort.get_available_providers()
+    if full not in available:
+        short = ", ".join(k for k, v in PROVIDERS.items() if v in available)
+        raise EdgeLlamaError(f"execution provider {name!r} is not available in this onnxruntime build "
+                             f"(available: {short})")
+    return full
+
+
+def session_options(manifest: B.Manifest, threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    conf = dict(manifest.session_options)
+    n = threads or conf.pop("intra_op_num_threads", 0) or physical_cores()
+    conf.pop("intra_op_num_threads", None)
+    if n < 1:
+        raise EdgeLlamaError(f"threads must be a positive integer, got {n}")
+    so.intra_op_num_threads = int(n)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in (conf.get("config_entries") or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    return so
+
+
+class OnnxEngine:
+    def __init__(self, bundle_dir: str | os.PathLike, manifest: B.Manifest, *, provider: str | None = None,
+                 threads: int | None = None, max_context: int | None = None):
+        self.manifest = manifest
+        self.root = Path(bundle_dir)
+        g = manifest.graph
+        limit = manifest.context_length
+        ctx = max_context or min(DEFAULT_CONTEXT, limit)
+        if ctx < 1 or ctx > limit:
+            raise EdgeLlamaError(f"max context {ctx} is outside what this bundle serves (1..{limit})")
+        self.context = ctx
+        self.threads = threads
+        self.provider = resolve_provider(provider)
+        so = session_options(manifest, threads)
+        try:
+            self.session = ort.InferenceSession(str(self.root / g.file), so, providers=[self.provider])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EdgeLlamaError(f"onnxruntime cannot load {g.file}: {str(exc).splitlines()[0][:300]}") from None
+        self._check_io()
+        arch = manifest.architecture
+        self.n_layers = int(arch["num_hidden_layers"])
+        self.kv_heads = int(arch["num_key_value_heads"])
+        self.head_dim = int(arch["head_dim"])
+        self.vocab_size = int(arch["vocab_size"])
+        self.share = g.past_present_share_buffer
+        self.has_position_ids = any(s.name == B.POSITION_IDS for s in g.inputs)
+        self._kv_dtype = np.float16 if any(s.dtype == "float16" for s in g.inputs if s.name.startswith("past")) else np.float32
+        self._io = self.session.io_binding()
+        self._mask = np.ones((1, ctx), dtype=np.int64)
+        self._positions = np.arange(ctx, dtype=np.int64)[None, :]
+        self._step_ids = np.zeros((1, 1), dtype=np.int64)
+        self._step_logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
+        self._step_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        self.reset()
+
+    def _check_io(self) -> None:
+        """The graph must agree with what the manifest promises, name for name."""
+        want_in = [s.name for s in self.manifest.graph.inputs]
+        want_out = [s.name for s in self.manifest.graph.outputs]
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        if sorted(want_in) != sorted(got_in) or sorted(want_out) != sorted(got_out):
+            missing = sorted(set(want_in + want_out) ^ set(got_in + got_out))
+            raise EdgeLlamaError(f"the ONNX graph's inputs/outputs disagree with the manifest (e.g. {missing[:3]})")
+
+    # -- cache --------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.pos = 0
+        shape_len = self.context if self.share else 0
+        self._kv = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.kv_heads, shape_len, self.head_dim), self._kv_dtype))
+            for _ in range(2 * self.n_layers)
+        ]
+        if self.share:
+            for i in range(self.n_layers):  # bound once: these buffers are both past and present forever
+                for j, kind in enumerate(("key", "value")):
+                    self._io.bind_ortvalue_input(B.past_name(i, kind), self._kv[2 * i + j])
+                    self._io.bind_ortvalue_output(B.present_name(i, kind), self._kv[2 * i + j])
+
+    def rewind(self, n_tokens: int) -> None:
+        """Forget everything after the first n_tokens of the cache."""
+        if not 0 <= n_tokens <= self.pos:
+            raise EdgeLlamaError(f"cannot rewind to {n_tokens} tokens (cache holds {self.pos})")
+        if not self.share and n_tokens < self.pos:
+            self._kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n_tokens]))
+                        for v in self._kv]
+        self.pos = n_tokens
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
+        """Run new tokens through the model. Returns logits [vocab] for the last one ([n, vocab] if all_logits)."""
+        n = len(ids)
+        if n == 0:
+            raise EdgeLlamaError("no tokens to run")
+        if self.pos + n > self.context:
+            raise EdgeLlamaError(f"context is full: {self.pos} cached + {n} new tokens exceed the context of "
+                                 f"{self.context} tokens")
+        io = self._io
+        if n == 1 and not all_logits:
+            self._step_ids[0, 0] = ids[0]
+            input_ids = self._step_ids
+        else:
+            input_ids = np.asarray(ids, dtype=np.int64)[None, :]
+        total = self.pos + n
+        io.bind_cpu_input(B.INPUT_IDS, input_ids)
+        io.bind_cpu_input(B.ATTENTION_MASK, self._mask[:, :total])
+        if self.has_position_ids:
+            io.bind_cpu_input(B.POSITION_IDS, self._positions[:, self.pos:total])
+        if not self.share:
+            io.clear_binding_outputs()  # outputs come back in binding order: presents, then logits
+            for i in range(self.n_layers):
+                for j, kind in enumerate(("key", "value")):
+                    io.bind_ortvalue_input(B.past_name(i, kind), self._kv[2 * i + j])
+                    io.bind_output(B.present_name(i, kind), "cpu")
+        want_all = all_logits or self.manifest.graph.logits == "all" and n > 1
+        if all_logits and self.manifest.graph.logits == "last" and n > 1:
+            raise EdgeLlamaError("this bundle computes last-position logits only")
+        if want_all:
+            out = np.empty((1, n, self.vocab_size), dtype=np.float32)
+            io.bind_ortvalue_output(B.LOGITS, ort.OrtValue.ortvalue_from_numpy(out))
+        else:
+            out = self._step_logits
+            io.bind_ortvalue_output(B.LOGITS, self._step_logits_ov)
+        self.session.run_with_iobinding(io)
+        if not self.share:
+            self._kv = io.get_outputs()[: 2 * self.n_layers]
+        self.pos = total
+        return out[0] if all_logits else out[0, -1]
