@@ -1,0 +1,170 @@
+"""Device profiles: the built-in catalog (profiles.json) plus the measured `host` profile.
+
+The host profile lives in a user file written by `edgellama devices probe`; it
+overrides the built-in placeholder. EDGELLAMA_HOST_PROFILE points elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgellama.errors import EdgeLlamaError
+
+QUANTS = ("fp32", "fp16", "int8", "int4")  # best quality first; the planner walks them in this order
+CLASSES = ("phone", "laptop", "edge", "desktop")
+OSES = ("ios", "android", "macos", "linux", "windows")
+FORMATS = ("onnx", "coreml")
+COREML_COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # coremltools.ComputeUnit names
+# Numbers that drive the planner; each must say where it came from.
+FIGURES = ("total_ram_bytes", "app_memory_bytes", "memory_bandwidth_gbs", "cores", "efficiency")
+HOST = "host"
+BUILTIN_PATH = Path(__file__).with_name("profiles.json")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    device_class: str  # "class" in JSON
+    os: str
+    total_ram_bytes: int
+    app_memory_bytes: int  # what one app may really allocate before the OS kills it
+    memory_bandwidth_gbs: float
+    cores: int
+    format: str  # onnx | coreml
+    accelerator: str  # onnxruntime execution provider, or Core ML compute units
+    default_context: int
+    default_quant: str
+    efficiency: float  # fraction of the bandwidth roofline reached in decode
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["class"] = out.pop("device_class")
+        return {key: out[key] for key in _JSON_KEYS}
+
+
+_JSON_KEYS = tuple("class" if f.name == "device_class" else f.name for f in fields(DeviceProfile))
+_INTS = ("total_ram_bytes", "app_memory_bytes", "cores", "default_context")
+_FLOATS = ("memory_bandwidth_gbs", "efficiency")
+_CHOICES = {"class": CLASSES, "os": OSES, "format": FORMATS, "default_quant": QUANTS}
+
+
+def profile_from_dict(data: Any, origin: str) -> DeviceProfile:
+    """Validate one profile (as stored in JSON); every problem names the profile and the field."""
+    if not isinstance(data, dict):
+        raise EdgeLlamaError(f"{origin}: a device profile must be a JSON object, got {type(data).__name__}")
+    name = data.get("name")
+    where = f"device profile {name!r} in {origin}" if isinstance(name, str) else f"a device profile in {origin}"
+
+    def bad(key: str, why: str) -> EdgeLlamaError:
+        return EdgeLlamaError(f"{where}: field {key!r} {why}")
+
+    unknown = sorted(set(data) - set(_JSON_KEYS))
+    if unknown:
+        raise bad(unknown[0], f"is unknown (known fields: {', '.join(_JSON_KEYS)})")
+    for key in _JSON_KEYS:
+        if key not in data:
+            raise bad(key, "is missing")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise bad("name", f"must be a lowercase slug like 'iphone-15-pro', got {name!r}")
+    for key, choices in _CHOICES.items():
+        if data[key] not in choices:
+            raise bad(key, f"must be one of {', '.join(choices)}, got {data[key]!r}")
+    for key in _INTS:
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad(key, f"must be a positive integer, got {value!r}")
+    for key in _FLOATS:
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad(key, f"must be a positive number, got {value!r}")
+    if data["efficiency"] > 1:
+        raise bad("efficiency", f"is a fraction of the roofline and must be <= 1, got {data['efficiency']!r}")
+    if data["app_memory_bytes"] > data["total_ram_bytes"]:
+        raise bad("app_memory_bytes", f"({data['app_memory_bytes']}) exceeds total_ram_bytes ({data['total_ram_bytes']})")
+    accel = data["accelerator"]
+    if data["format"] == "coreml" and accel not in COREML_COMPUTE_UNITS:
+        raise bad("accelerator", f"must be Core ML compute units ({', '.join(COREML_COMPUTE_UNITS)}), got {accel!r}")
+    if data["format"] == "onnx" and not (isinstance(accel, str) and accel.endswith("ExecutionProvider")):
+        raise bad("accelerator", f"must be an onnxruntime execution provider like 'CPUExecutionProvider', got {accel!r}")
+    sources = data["sources"]
+    if not isinstance(sources, dict):
+        raise bad("sources", "must be an object mapping field names to source notes")
+    for key, note in sources.items():
+        if key not in _JSON_KEYS or key in ("name", "sources"):
+            raise bad("sources", f"has a note for unknown field {key!r}")
+        if not isinstance(note, str) or not note.strip():
+            raise bad("sources", f"has an empty note for {key!r}")
+    for key in FIGURES:
+        if key not in sources:
+            raise bad("sources", f"lacks a source note for {key!r}")
+    return DeviceProfile(
+        name=name,
+        device_class=data["class"],
+        os=data["os"],
+        total_ram_bytes=data["total_ram_bytes"],
+        app_memory_bytes=data["app_memory_bytes"],
+        memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]),
+        cores=data["cores"],
+        format=data["format"],
+        accelerator=accel,
+        default_context=data["default_context"],
+        default_quant=data["default_quant"],
+        efficiency=float(data["efficiency"]),
+        sources=dict(sources),
+    )
+
+
+def host_profile_path() -> Path:
+    env = os.environ.get("EDGELLAMA_HOST_PROFILE")
+    if env:
+        return Path(env)
+    from edgellama.assets import cache_dir
+
+    return cache_dir() / "host_profile.json"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeLlamaError(f"cannot read device profiles from {path}: {exc}") from None
+
+
+def builtin_profiles() -> dict[str, DeviceProfile]:
+    """The shipped catalog, without the measured host profile."""
+    data = _read_json(BUILTIN_PATH)
+    entries = data.get("profiles") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise EdgeLlamaError(f"{BUILTIN_PATH}: expected an object with a 'profiles' list")
+    catalog: dict[str, DeviceProfile] = {}
+    for entry in entries:
+        profile = profile_from_dict(entry, str(BUILTIN_PATH))
+        if profile.name in catalog:
+            raise EdgeLlamaError(f"{BUILTIN_PATH}: device profile {profile.name!r} is defined twice")
+        catalog[profile.name] = profile
+    return catalog
+
+
+def load_catalog() -> dict[str, DeviceProfile]:
+    catalog = builtin_profiles()
+    path = host_profile_path()
+    if path.is_file():
+        host = profile_from_dict(_read_json(path), str(path))
+        if host.name != HOST:
+            raise EdgeLlamaError(f"device profile {host.name!r} in {path}: field 'name' must be {HOST!r}")
+        catalog[HOST] = host
+    return catalog
+
+
+def get_profile(name: str) -> DeviceProfile:
+    catalog = load_catalog()
+    if name not in catalog:
+        raise EdgeLlamaError(f"unknown device {name!r}; known devices: {', '.join(catalog)}")
+    return catalog[name]
