@@ -18,7 +18,7 @@ import numpy as np
 from edgellama import __version__
 from edgellama.errors import EdgeLlamaError
 from edgellama.export.config import LlamaConfig
-from edgellama.export.onnx_graph import INLINE_LIMIT, OPSET, GraphOptions, WeightSink, build_llama_graph, save_graph
+from edgellama.export.onnx_graph import INLINE_LIMIT, OPSET, FloatWeights, GraphOptions, WeightSink, build_llama_graph, save_graph
 from edgellama.export.sources import Source, load_source
 from edgellama.export.tokenizer_prep import PreparedTokenizer, prepare_tokenizer
 from edgellama.fsutil import atomic_dir
@@ -137,7 +137,7 @@ def export_onnx(
     if opts.quant:
         from edgellama.quantize.onnx_weights import make_emitter  # export -> quantize, never the reverse
 
-        emitter, quant_info = make_emitter(cfg, opts.quant, form=opts.form)
+        emitter, quant_info = make_emitter(cfg, opts.quant, form=opts.form, fallback=FloatWeights())
 
     gopts = GraphOptions(form=opts.form, dtype=opts.dtype, max_context=ctx, logits=opts.logits)
     with atomic_dir(out, force=opts.force) as tmp:
@@ -149,6 +149,8 @@ def export_onnx(
         finally:
             sink.close()
         save_graph(result, tmp)
+        if emitter is not None:
+            quant_info = {**emitter.summary(), **quant_info}
         del result.model
         graph = B.GraphInfo(kind="onnx", file=B.ONNX_MODEL, form=opts.form, attention=result.attention,
                             past_present_share_buffer=result.share_buffer, logits=opts.logits, opset=OPSET,

@@ -24,10 +24,10 @@ from onnx import TensorProto, helper
 
 from edgellama.errors import EdgeLlamaError
 from edgellama.export.config import LlamaConfig, rope_inv_freq
+from edgellama.quantize.onnx_weights import MS_DOMAIN
 from edgellama.runtime import bundle as B
 
 OPSET = 21
-MS_DOMAIN = "com.microsoft"
 INLINE_LIMIT = 1_800_000_000  # protobuf caps a model at 2 GB; beyond this, weights go to external data
 _NEG = -1e9  # additive mask value: large enough to zero a softmax weight, finite so padded rows stay NaN-free
 GQA_HEAD_MULTIPLE = 16  # onnxruntime's CPU GroupQueryAttention rejects other head sizes at run time
@@ -90,7 +90,7 @@ class WeightEmitter(Protocol):
 
     Weights arrive in Hugging Face layout, [N, K] (out x in)."""
 
-    def linear(self, g: "GraphBuilder", x: str, name: str, w: np.ndarray) -> str: ...
+    def linear(self, g: "GraphBuilder", x: str, name: str, w: np.ndarray, parts=None) -> str: ...
     def embedding(self, g: "GraphBuilder", ids: str, w: np.ndarray, tied: bool) -> str: ...
     def lm_head(self, g: "GraphBuilder", x: str, w: np.ndarray | None, tied: bool) -> str: ...
 
@@ -100,7 +100,7 @@ class FloatWeights:
 
     EMBED = "model.embed_tokens.weight"
 
-    def linear(self, g: "GraphBuilder", x: str, name: str, w: np.ndarray) -> str:
+    def linear(self, g: "GraphBuilder", x: str, name: str, w: np.ndarray, parts=None) -> str:
         return g.node("MatMul", [x, g.weight(f"{name}.weight_t", w.T)], name=f"{name}/MatMul")
 
     def embedding(self, g: "GraphBuilder", ids: str, w: np.ndarray, tied: bool) -> str:
@@ -165,8 +165,9 @@ class GraphBuilder:
             self._consts[key] = self.init(f"const_{len(self._consts)}", arr)
         return self._consts[key]
 
-    def linear(self, x: str, name: str, w: np.ndarray) -> str:
-        return self.emitter.linear(self, x, name, w)
+    def linear(self, x: str, name: str, w: np.ndarray, parts: list[tuple[str, int]] | None = None) -> str:
+        """parts names the rows of a packed weight ([(hf_name, rows), ...]) so precision can follow them."""
+        return self.emitter.linear(self, x, name, w, parts)
 
     # -- model pieces -----------------------------------------------------------------------
     def rms_norm(self, x: str, gamma: np.ndarray, name: str) -> str:
@@ -275,7 +276,8 @@ def build_llama_graph(
             h, residual = g.add_norm(x, residual, get(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm")
         wq, wk, wv = (get(f"{p}.self_attn.{k}_proj.weight") for k in "qkv")
         if opts.pack_qkv:
-            qkv = g.linear(h, f"{p}.self_attn.qkv_proj", np.concatenate([wq, wk, wv], axis=0))
+            qkv = g.linear(h, f"{p}.self_attn.qkv_proj", np.concatenate([wq, wk, wv], axis=0),
+                           [(f"{p}.self_attn.{c}_proj", w.shape[0]) for c, w in zip("qkv", (wq, wk, wv))])
             if gqa:
                 q, k, v = qkv, "", ""
             else:
@@ -299,7 +301,8 @@ def build_llama_graph(
                                  f"{p}.post_attention_layernorm")
         wg, wu = get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")
         if opts.pack_gate_up:
-            gu = g.linear(h, f"{p}.mlp.gate_up_proj", np.concatenate([wg, wu], axis=0))
+            gu = g.linear(h, f"{p}.mlp.gate_up_proj", np.concatenate([wg, wu], axis=0),
+                          [(f"{p}.mlp.gate_proj", wg.shape[0]), (f"{p}.mlp.up_proj", wu.shape[0])])
             gate, up = g.node("Split", [gu, g.const([cfg.intermediate_size] * 2)], name=f"{n}/mlp/SplitGateUp",
                               outputs=2, axis=-1)
         else:

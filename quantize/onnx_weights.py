@@ -1,0 +1,258 @@
+"""Quantized weights in the ONNX graph: the WeightEmitter the graph builder calls for every weight.
+
+Fast form: com.microsoft MatMulNBits for linear layers and the lm_head, GatherBlockQuantized
+for the embedding; a tied embedding is quantized once and its packed table shared by both.
+Portable form: standard opset-21 DequantizeLinear (INT4/UINT4/INT8, blocked) feeding MatMul,
+Gather and Gemm, so any ONNX runtime loads it.
+
+Numerics (codes, scales, searches) live in numerics.py / methods.py; this module only decides
+precision per tensor and lays the codes out as graph nodes. It knows the graph builder only
+by the calls it makes (node, init, const, sink), so quantize never imports export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from edgellama.errors import EdgeLlamaError
+from edgellama.quantize.methods import METHODS, quantize
+from edgellama.quantize.numerics import QuantizedTensor
+from edgellama.quantize.packing import (dequantize_linear, gather_block_quantized, matmul_nbits,
+                                        onnx_raw_data)
+
+# MatMulNBits accuracy_level 4 computes with int8 activations: about twice the decode speed
+# of fp32 activations on this class of CPU, for a small activation-rounding error (measured
+# in docs/quantization.md). The portable form's DequantizeLinear+MatMul pairs are fused into
+# the same kernel by onnxruntime; the session entry below makes that choice explicit.
+DEFAULT_ACCURACY_LEVEL = 4
+MS_DOMAIN = "com.microsoft"
+PRECISIONS = ("keep", "int8", "int4")
+
+
+@dataclass
+class QuantOptions:
+    bits: int = 4
+    block_size: int = 32
+    method: str = "hqq"  # rtn | mse | hqq (+ "mixed" policy below)
+    mixed: bool = True  # keep the most sensitive projections at 8 bits, as Q4_K_M does
+    symmetric: bool | None = None  # None: asymmetric int4, symmetric int8
+    embeddings: str = "int8"  # keep | int8 | int4
+    lm_head: str = "int8"
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantOptions":
+        d = dict(d)
+        bits = d.pop("bits", 4)
+        if bits not in (4, 8):
+            raise EdgeLlamaError(f"--bits must be 4 or 8, got {bits}")
+        method = d.pop("method", None) or ("mixed" if bits == 4 else "rtn")
+        mixed = method == "mixed"
+        if mixed:
+            method = "hqq"
+        if method not in METHODS:
+            raise EdgeLlamaError(f"unknown quantization method {method!r}: expected one of {METHODS + ('mixed',)}")
+        default_head = "int8"
+        opts = cls(bits=bits, method=method, mixed=mixed and bits == 4,
+                   block_size=d.pop("block_size", None) or (32 if bits == 4 else 128),
+                   embeddings=d.pop("embeddings", None) or ("int8" if bits == 8 else default_head),
+                   lm_head=d.pop("lm_head", None) or ("int8" if bits == 8 else default_head),
+                   symmetric=d.pop("symmetric", None),
+                   accuracy_level=d.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL))
+        if d:
+            raise EdgeLlamaError(f"unknown quantization option(s): {', '.join(sorted(d))}")
+        if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
+            raise EdgeLlamaError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
+        for name in ("embeddings", "lm_head"):
+            if getattr(opts, name) not in PRECISIONS:
+                raise EdgeLlamaError(f"--{name.replace('_', '-')} must be one of {PRECISIONS}")
+        if opts.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeLlamaError(f"accuracy_level must be 0..4, got {opts.accuracy_level}")
+        return opts
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """Layers whose v/down projections matter most: the first and last eighth, and every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+class QuantizedWeights:
+    def __init__(self, cfg, opts: QuantOptions, form: str, fallback):
+        """cfg: the model's LlamaConfig; fallback: the float emitter, for tensors kept float."""
+        self.cfg, self.opts, self.form, self.fallback = cfg, opts, form, fallback
+        self.fast = form == "fast"
+        self.tensor_bits: dict[str, int] = {}
+        self._tied_table: dict[str, str] | None = None
+
+    # -- precision policy ---------------------------------------------------------------------
+    def bits_for(self, name: str) -> int:
+        """Bits for one HF-named projection (e.g. model.layers.3.self_attn.v_proj)."""
+        o = self.opts
+        if o.bits == 8 or not o.mixed:
+            return o.bits
+        parts = name.split(".")
+        if len(parts) > 3 and parts[1] == "layers" and parts[-1] in ("v_proj", "down_proj"):
+            return 8 if use_more_bits(int(parts[2]), self.cfg.num_hidden_layers) else 4
+        return 4
+
+    def _quantize(self, w: np.ndarray, bits: int) -> QuantizedTensor:
+        sym = self.opts.symmetric if self.opts.symmetric is not None else (bits == 8)
+        return quantize(w, bits, self.opts.block_size, self.opts.method, symmetric=sym)
+
+    # -- node emission ------------------------------------------------------------------------
+    def _matmul_nbits(self, g, x: str, name: str, qt: QuantizedTensor, b_name: str | None = None) -> str:
+        mw = matmul_nbits(qt)
+        if b_name is None:
+            b_name = g.init(f"{name}.qweight", mw.B)
+        inputs = [x, b_name, g.init(f"{name}.scales", mw.scales.astype(np.float32))]
+        if mw.zero_points is not None:
+            inputs.append(g.init(f"{name}.qzeros", mw.zero_points))
+        return g.node("MatMulNBits", inputs, name=f"{name}/MatMulNBits", domain=MS_DOMAIN,
+                      accuracy_level=self.opts.accuracy_level, **mw.attributes)
+
+    def _dq(self, g, name: str, qt: QuantizedTensor, layout: str) -> str:
+        dq = dequantize_linear(qt, layout=layout)
+        t = TensorProto(name=f"{name}.qweight", data_type=getattr(TensorProto, dq.onnx_type), dims=list(dq.data.shape))
+        g.inits.append(g.sink.raw(t, onnx_raw_data(dq.data, qt.bits)))
+        inputs = [t.name, g.init(f"{name}.scales", dq.scale.astype(np.float32))]
+        if dq.zero_point is not None:
+            zt = TensorProto(name=f"{name}.qzeros", data_type=getattr(TensorProto, dq.onnx_type),
+                             dims=list(dq.zero_point.shape))
+            g.inits.append(g.sink.raw(zt, onnx_raw_data(dq.zero_point, qt.bits)))
+            inputs.append(zt.name)
+        return g.node("DequantizeLinear", inputs, name=f"{name}/DequantizeLinear", axis=dq.axis,
+                      block_size=dq.block_size)
+
+    def _linear_q(self, g, x: str, name: str, w: np.ndarray, bits: int) -> str:
+        qt = self._quantize(w, bits)
+        self.tensor_bits[name] = bits
+        if self.fast:
+            return self._matmul_nbits(g, x, name, qt)
+        return g.node("MatMul", [x, self._dq(g, name, qt, "kn")], name=f"{name}/MatMul")
+
+    def linear(self, g, x: str, name: str, w: np.ndarray, parts=None) -> str:
+        """parts: [(hf_name, rows), ...] of a packed weight; runs of equal precision share one node."""
+        parts = parts or [(name, w.shape[0])]
+        groups: list[tuple[int, int, int, list[str]]] = []  # (bits, start, stop, names)
+        row = 0
+        for part_name, rows in parts:
+            bits = self.bits_for(part_name)
+            if groups and groups[-1][0] == bits:
+                b, s, _, names = groups[-1]
+                groups[-1] = (b, s, row + rows, names + [part_name])
+            else:
+                groups.append((bits, row, row + rows, [part_name]))
+            row += rows
+        if len(groups) == 1:
+            return self._linear_q(g, x, name, w, groups[0][0])
+        outs = []
+        for bits, start, stop, names in groups:
+            sub = name if len(names) == len(parts) else f"{name}.{'_'.join(n.rsplit('.', 1)[-1] for n in names)}"
+            outs.append(self._linear_q(g, x, sub, w[start:stop], bits))
+        return g.node("Concat", outs, name=f"{name}/ConcatParts", axis=-1)
+
+    def embedding(self, g, ids: str, w: np.ndarray, tied: bool) -> str:
+        o = self.opts
+        if o.embeddings == "keep":
+            return self.fallback.embedding(g, ids, w, tied)
+        bits = 8 if o.embeddings == "int8" else 4
+        qt = self._quantize(w, bits)
+        self.tensor_bits["model.embed_tokens"] = bits
+        H = self.cfg.hidden_size
+        name = "model.embed_tokens"
+        share = tied and o.lm_head == o.embeddings
+        if not self.fast:
+            table = self._dq(g, name, qt, "nk")  # [V, H] float
+            if share:
+                self._tied_table = {"float": table}
+            return g.node("Gather", [table, ids], name="/model/embed_tokens/Gather")
+        if share:
+            # One packed table for both nodes: GatherBlockQuantized reads MatMulNBits's 3-D B directly.
+            mw = matmul_nbits(qt)
+            b = g.init(f"{name}.qweight", mw.B)
+            scales = g.init(f"{name}.scales", mw.scales.astype(np.float32))
+            gw = gather_block_quantized(qt, tied=True)
+            scales3 = g.node("Unsqueeze", [scales, g.const([2])], name="/model/embed_tokens/ScalesForGather")
+            inputs = [b, ids, scales3]
+            if gw.zero_points is not None:
+                inputs.append(g.init(f"{name}.gather_zeros", gw.zero_points))
+            self._tied_table = {"qweight": b, "scales": scales,
+                                "qzeros": g.init(f"{name}.qzeros", mw.zero_points) if mw.zero_points is not None else ""}
+            y = g.node("GatherBlockQuantized", inputs, name="/model/embed_tokens/GatherBlockQuantized",
+                       domain=MS_DOMAIN, **gw.attributes)
+            flat = g.node("Reshape", [y, g.const([0, 0, qt.n_blocks * qt.block_size])],
+                          name="/model/embed_tokens/MergeBlocks")
+            if qt.n_blocks * qt.block_size != H:
+                flat = g.node("Slice", [flat, g.const([0]), g.const([H]), g.const([2])], name="/model/embed_tokens/Trim")
+            return flat
+        gw = gather_block_quantized(qt, tied=False)
+        inputs = [g.init(f"{name}.qweight", gw.data), ids, g.init(f"{name}.scales", gw.scales.astype(np.float32))]
+        if gw.zero_points is not None:
+            inputs.append(g.init(f"{name}.qzeros", gw.zero_points))
+        return g.node("GatherBlockQuantized", inputs, name="/model/embed_tokens/GatherBlockQuantized",
+                      domain=MS_DOMAIN, **gw.attributes)
+
+    def lm_head(self, g, x: str, w: np.ndarray | None, tied: bool) -> str:
+        o = self.opts
+        if o.lm_head == "keep":
+            if tied and o.embeddings != "keep":
+                raise EdgeLlamaError("a tied lm_head cannot stay float when the embedding is quantized: "
+                                     "use the same precision for --embeddings and --lm-head")
+            return self.fallback.lm_head(g, x, w, tied)
+        if self._tied_table is not None:
+            self.tensor_bits["lm_head"] = self.tensor_bits["model.embed_tokens"]
+            t = self._tied_table
+            if not self.fast:
+                return self._gemm(g, x, t["float"])
+            bits = self.tensor_bits["lm_head"]
+            nb = -(-self.cfg.hidden_size // o.block_size)
+            attrs = {"K": self.cfg.hidden_size, "N": self.cfg.vocab_size, "bits": bits, "block_size": o.block_size}
+            inputs = [x, t["qweight"], t["scales"]] + ([t["qzeros"]] if t["qzeros"] else [])
+            return g.node("MatMulNBits", inputs, name="lm_head/MatMulNBits", domain=MS_DOMAIN,
+                          accuracy_level=o.accuracy_level, **attrs)
+        bits = 8 if o.lm_head == "int8" else 4
+        qt = self._quantize(w, bits)
+        self.tensor_bits["lm_head"] = bits
+        if self.fast:
+            return self._matmul_nbits(g, x, "lm_head", qt)
+        return self._gemm(g, x, self._dq(g, "lm_head", qt, "nk"))
+
+    def _gemm(self, g, x: str, table: str) -> str:
+        flat = g.node("Reshape", [x, g.const([-1, self.cfg.hidden_size])], name="/lm_head/Flatten")
+        y = g.node("Gemm", [flat, table], name="/lm_head/Gemm", transB=1)
+        lead = g.node("Slice", [g.node("Shape", [x], name="/lm_head/Shape"), g.const([0]), g.const([2])],
+                      name="/lm_head/LeadDims")
+        shape = g.node("Concat", [lead, g.const([self.cfg.vocab_size])], name="/lm_head/OutShape", axis=0)
+        return g.node("Reshape", [y, shape], name="/lm_head/Unflatten")
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for bits in self.tensor_bits.values():
+            counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
+        info = {k: v for k, v in asdict(self.opts).items()}
+        info["method"] = "mixed" if self.opts.mixed else self.opts.method
+        info["tensors_by_precision"] = counts
+        info["int8_tensors"] = sorted(n for n, b in self.tensor_bits.items() if b == 8 and self.opts.bits == 4)
+        info["activation"] = "int8" if self.opts.accuracy_level == 4 else "fp32"
+        return info
+
+
+def make_emitter(cfg, quant: dict[str, Any], *, form: str, fallback) -> tuple[QuantizedWeights, dict[str, Any]]:
+    """The emitter, plus the manifest's `quantization` record (completed by summary() after the build)."""
+    opts = QuantOptions.from_dict(quant)
+    if cfg.tie_word_embeddings and (opts.embeddings == "keep") != (opts.lm_head == "keep"):
+        raise EdgeLlamaError("this model ties its embedding and lm_head: --embeddings and --lm-head must both "
+                             "be 'keep' or both be quantized")
+    if cfg.tie_word_embeddings and opts.embeddings != opts.lm_head:
+        raise EdgeLlamaError("this model ties its embedding and lm_head: they are quantized once, so "
+                             "--embeddings and --lm-head must agree")
+    em = QuantizedWeights(cfg, opts, form, fallback)
+    info: dict[str, Any] = {}
+    if form == "portable":
+        # onnxruntime would otherwise fuse DequantizeLinear+MatMul with int8 activations silently.
+        info["session_config"] = {"session.qdq_matmulnbits_accuracy_level": str(opts.accuracy_level)}
+    return em, info
