@@ -1,0 +1,265 @@
+"""load / generate / stream_generate / ChatSession: the runtime's public API.
+
+    model = load("bundle_dir")
+    for event in stream_generate(model, "Tell me a joke", chat=True):
+        print(event.text, end="")
+
+Only numpy, onnxruntime, tokenizers and jinja2 are imported here: this is what ships to devices.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgellama.errors import EdgeLlamaError
+from edgellama.runtime import bundle as B
+from edgellama.runtime.sampling import Sampler, SamplingParams, StopStringMatcher
+from edgellama.runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+@dataclass
+class GenerationEvent:
+    """One generated token: its text delta (possibly empty while a character is incomplete) and running stats."""
+
+    text: str
+    token_id: int
+    stats: Stats
+    finish_reason: str | None = None  # "stop" (stop id or string) | "length" | None while generating
+
+
+@dataclass
+class Model:
+    """A loaded bundle: its manifest, tokenizer and engine (ONNX or Core ML)."""
+
+    path: Path
+    manifest: B.Manifest
+    tokenizer: Tokenizer
+    engine: object
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
+
+    def encode_prompt(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EdgeLlamaError("the prompt is empty")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return self.encode_chat(messages)
+        ids = self.tokenizer.encode(prompt)
+        t = self.manifest.tokens
+        if t.add_bos and t.bos_id is not None:
+            ids = [t.bos_id] + ids
+        return ids
+
+    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        template = self.manifest.chat_template or self.tokenizer.chat_template
+        if not template:
+            raise EdgeLlamaError("this bundle has no chat template: run without --chat")
+        return self.tokenizer.encode_chat(messages, template, add_generation_prompt=add_generation_prompt)
+
+
+def load(bundle_dir: str | os.PathLike, *, provider: str | None = None, threads: int | None = None,
+         max_context: int | None = None, verify: bool = True) -> Model:
+    """Open a bundle: checksums first (nothing unverified is loaded), then tokenizer and session."""
+    path = Path(bundle_dir)
+    manifest = B.read_manifest(path, verify=verify)
+    if threads is not None and threads < 1:
+        raise EdgeLlamaError(f"threads must be >= 1, got {threads}")
+    tokenizer = Tokenizer.from_dir(path)
+    if manifest.graph.kind == "onnx":
+        from edgellama.runtime.engine import OnnxEngine
+
+        engine = OnnxEngine(path, manifest, provider=provider, threads=threads, max_context=max_context)
+    elif manifest.graph.kind == "coreml":
+        from edgellama.runtime.coreml_engine import CoreMLEngine
+
+        engine = CoreMLEngine(path, manifest, max_context=max_context)
+    else:
+        raise EdgeLlamaError(f"unknown graph kind {manifest.graph.kind!r} in the manifest")
+    stops = set(manifest.tokens.eos_ids)
+    for name in B.LLAMA3_STOP_TOKENS:  # the manifest lists them; the tokenizer may know more aliases
+        tid = tokenizer.token_to_id(name)
+        if tid is not None and tid < int(manifest.architecture["vocab_size"]):
+            stops.add(tid)
+    return Model(path, manifest, tokenizer, engine, frozenset(stops))
+
+
+def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int]) -> Iterator[tuple[int, Stats, str | None]]:
+    """The decode loop: prefill new_ids on top of the cache, then sample until a stop."""
+    engine = model.engine
+    if engine.pos + len(new_ids) >= engine.context:
+        raise EdgeLlamaError(f"the prompt ({engine.pos + len(new_ids)} tokens) does not fit the context of "
+                             f"{engine.context} tokens (raise --max-context, or shorten it)")
+    sampler = Sampler(params)
+    stats = Stats(prompt_tokens=len(new_ids))
+    t0 = time.perf_counter()
+    logits = engine.forward(new_ids)
+    stats.ttft_s = time.perf_counter() - t0
+    stats.prefill_tok_s = len(new_ids) / stats.ttft_s if stats.ttft_s > 0 else 0.0
+    history.extend(new_ids)
+    t_decode = time.perf_counter()
+    for n in range(params.max_new_tokens):
+        token = sampler(logits, history)
+        history.append(token)
+        stats.generated_tokens = n + 1
+        if n:
+            stats.decode_tok_s = n / (time.perf_counter() - t_decode)
+        if token in model.stop_ids:
+            stats.peak_rss_mb = peak_rss_mb()
+            yield token, stats, "stop"
+            return
+        last = n + 1 == params.max_new_tokens or engine.pos + 1 >= engine.context
+        if last:
+            stats.peak_rss_mb = peak_rss_mb()
+            yield token, stats, "length"
+            return
+        yield token, stats, None
+        if n == 0:
+            t_decode = time.perf_counter()  # decode speed counts steps after the first token
+        logits = engine.forward([token])
+
+
+def stream_ids(model: Model, prompt_ids: list[int], params: SamplingParams | None = None, *,
+               history: list[int] | None = None) -> Iterator[GenerationEvent]:
+    """Stream from already-tokenized input, appended to whatever the cache holds."""
+    params = (params or SamplingParams()).validate()
+    decoder = IncrementalDecoder(model.tokenizer)
+    matcher = StopStringMatcher(params.stop)
+    history = history if history is not None else []
+    for token, stats, finish in _generate_ids(model, list(prompt_ids), params, history):
+        is_stop_id = finish == "stop"
+        delta = "" if is_stop_id else decoder.add(token)
+        if finish and not is_stop_id:
+            delta += decoder.flush()
+        if params.stop:
+            delta, hit = matcher.feed(delta)
+            if finish and not hit:
+                delta += matcher.flush()
+            if hit:
+                yield GenerationEvent(delta, token, replace(stats, peak_rss_mb=peak_rss_mb()), "stop")
+                return
+        yield GenerationEvent(delta, token, stats, finish)
+
+
+def stream_generate(model: Model, prompt: str, params: SamplingParams | None = None, *, chat: bool = False,
+                    system: str | None = None, **sampling) -> Iterator[GenerationEvent]:
+    """Yield one GenerationEvent per token. Keyword sampling options (temperature=..., ...) build the params."""
+    if sampling:
+        params = replace(params or SamplingParams(), **sampling)
+    model.engine.reset()
+    yield from stream_ids(model, model.encode_prompt(prompt, chat=chat, system=system), params)
+
+
+def generate(model: Model, prompt: str, params: SamplingParams | None = None, *, chat: bool = False,
+             system: str | None = None, **sampling) -> str:
+    return "".join(e.text for e in stream_generate(model, prompt, params, chat=chat, system=system, **sampling))
+
+
+class ChatSession:
+    """A conversation whose KV cache persists across turns: each turn prefills only its new tokens."""
+
+    def __init__(self, model: Model, *, system: str | None = None, params: SamplingParams | None = None,
+                 truncate: bool = False):
+        self.model = model
+        self.params = params or SamplingParams()
+        self.truncate = truncate
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._cached: list[int] = []  # token ids the engine's cache holds, in order
+        self._turn_marks: list[tuple[int, int]] = []  # (message count, cached tokens) before each turn
+        model.engine.reset()
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"][:1]
+        self._cached, self._turn_marks = [], []
+        self.model.engine.reset()
+
+    def rewind(self, turns: int = 1) -> None:
+        """Drop the last `turns` user/assistant exchanges, and their cache."""
+        if turns < 1 or turns > len(self._turn_marks):
+            raise EdgeLlamaError(f"cannot rewind {turns} turn(s): the session has {len(self._turn_marks)}")
+        n_msgs, n_tokens = self._turn_marks[-turns]
+        del self._turn_marks[-turns:]
+        self.messages = self.messages[:n_msgs]
+        self._cached = self._cached[:n_tokens]
+        self.model.engine.rewind(n_tokens)
+
+    def _prompt_ids(self) -> list[int]:
+        full = self.model.encode_chat(self.messages)
+        common = 0
+        for a, b in zip(full, self._cached):
+            if a != b:
+                break
+            common += 1
+        if common < len(self._cached):  # the template re-rendered history differently: re-prefill from there
+            self.model.engine.rewind(common)
+            self._cached = self._cached[:common]
+        return full[common:]
+
+    def send(self, text: str, params: SamplingParams | None = None) -> Iterator[GenerationEvent]:
+        """Add a user turn and stream the assistant's answer."""
+        if not isinstance(text, str) or not text.strip():
+            raise EdgeLlamaError("the message is empty")
+        params = (params or self.params).validate()
+        self._turn_marks.append((len(self.messages), len(self._cached)))
+        self.messages.append({"role": "user", "content": text})
+        new = self._prompt_ids()
+        engine = self.model.engine
+        while engine.pos + len(new) + 1 >= engine.context:
+            if not self.truncate or len(self._turn_marks) < 2:
+                self.messages.pop()
+                self._turn_marks.pop()
+                raise EdgeLlamaError(f"the conversation no longer fits the context of {engine.context} tokens: "
+                                     "reset it, or enable truncation of the oldest turns")
+            self._drop_oldest_turn()
+            new = self._prompt_ids()
+        reply: list[str] = []
+        generated: list[int] = []
+        try:
+            for event in stream_ids(self.model, new, params, history=list(self._cached)):
+                generated.append(event.token_id)
+                reply.append(event.text)
+                yield event
+        finally:
+            # What the cache holds now: the prompt plus every token fed back (the last one is not fed).
+            self._cached += new + generated[:-1]
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            # The cache must match how the template renders this turn next time; _prompt_ids reconciles.
+
+    def say(self, text: str, params: SamplingParams | None = None) -> str:
+        return "".join(e.text for e in self.send(text, params))
+
+    def _drop_oldest_turn(self) -> None:
+        system = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        first, second = self._turn_marks[0][0], self._turn_marks[1][0]
+        del self.messages[first:second]
+        shift = second - first
+        self._turn_marks = [(m - shift, 0) for m, _ in self._turn_marks[1:]]
+        self._cached = []
+        self.model.engine.reset()
+        assert system <= first
