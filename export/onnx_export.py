@@ -21,8 +21,9 @@ from edgellama.export.config import LlamaConfig
 from edgellama.export.onnx_graph import INLINE_LIMIT, OPSET, FloatWeights, GraphOptions, WeightSink, build_llama_graph, save_graph
 from edgellama.export.sources import Source, load_source
 from edgellama.export.tokenizer_prep import PreparedTokenizer, prepare_tokenizer
-from edgellama.fsutil import atomic_dir
+from edgellama.fsutil import atomic_dir, check_output_dir
 from edgellama.runtime import bundle as B
+from edgellama.runtime.engine import physical_cores
 
 DEFAULT_EXPORT_CONTEXT = 8192
 
@@ -56,10 +57,11 @@ def _estimate_bytes(cfg: LlamaConfig, dtype: str) -> int:
 def write_genai_config(out: Path, cfg: LlamaConfig, manifest: B.Manifest) -> None:
     """onnxruntime-genai reads this; with it the bundle also runs in its Android/iOS/C/C# APIs."""
     g = manifest.graph
-    threads = manifest.session_options.get("intra_op_num_threads") or 0
+    # onnxruntime-genai left to itself runs onnxruntime on ONE thread: always write the count
+    # (the bundle's own, or this machine's physical cores when the bundle says "detect at load").
+    threads = manifest.session_options.get("intra_op_num_threads") or physical_cores()
     decoder = {
-        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
-                            **({"intra_op_num_threads": threads} if threads else {})},
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [], "intra_op_num_threads": threads},
         "filename": g.file,
         "head_size": cfg.head_dim,
         "hidden_size": cfg.hidden_size,
@@ -119,9 +121,10 @@ def export_onnx(
         raise EdgeLlamaError(f"unknown graph form {opts.form!r} (fast or portable)")
     if opts.dtype not in ("fp32", "fp16"):
         raise EdgeLlamaError(f"unsupported dtype {opts.dtype!r} (fp32 or fp16)")
+    check_output_dir(out, opts.force)  # fail before loading anything; atomic_dir checks again at write time
     src = source if isinstance(source, Source) else load_source(source)
     cfg = src.config
-    ctx = opts.max_context or min(cfg.max_position_embeddings, DEFAULT_EXPORT_CONTEXT)
+    ctx = opts.max_context if opts.max_context is not None else min(cfg.max_position_embeddings, DEFAULT_EXPORT_CONTEXT)
     if ctx < 1 or ctx > cfg.max_position_embeddings:
         raise EdgeLlamaError(f"--max-context {ctx} is outside the model's range (1..{cfg.max_position_embeddings})")
     warnings: list[str] = []
@@ -130,8 +133,8 @@ def export_onnx(
         warnings.append(msg)
         log(f"edgellama: warning: {msg}")
 
+    _check_tensors(src)  # before the tokenizer, so bad weights fail without warnings about the tokenizer first
     tok = prepare_tokenizer(src, cfg, warn)
-    _check_tensors(src)
     emitter = None
     quant_info = None
     if opts.quant:
@@ -145,7 +148,7 @@ def export_onnx(
         sink = WeightSink(tmp / B.ONNX_DATA if external else None)
         try:
             result = build_llama_graph(cfg, src.tensors.get, gopts, sink, emitter,
-                                       progress=lambda i, n: log(f"\rexport: layer {i}/{n}") if n >= 8 and i % 4 == 0 else None)
+                                       progress=lambda i, n: log(f"export: layer {i}/{n}") if n >= 8 and i % 10 == 0 else None)
         finally:
             sink.close()
         save_graph(result, tmp)
