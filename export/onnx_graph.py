@@ -308,7 +308,10 @@ def build_llama_graph(
         else:
             gate, up = g.linear(h, f"{p}.mlp.gate_proj", wg), g.linear(h, f"{p}.mlp.up_proj", wu)
         del wg, wu
-        act = g.node("Mul", [gate, g.node("Sigmoid", [gate], name=f"{n}/mlp/Sigmoid")], name=f"{n}/mlp/Silu")
+        if opts.form == "fast":  # the node onnxruntime would fuse Sigmoid+Mul into anyway: saved pre-fused
+            act = g.node("QuickGelu", [gate], name=f"{n}/mlp/Silu", domain=MS_DOMAIN, alpha=1.0)
+        else:
+            act = g.node("Mul", [gate, g.node("Sigmoid", [gate], name=f"{n}/mlp/Sigmoid")], name=f"{n}/mlp/Silu")
         x = g.linear(g.node("Mul", [act, up], name=f"{n}/mlp/GateMul"), f"{p}.mlp.down_proj",
                      get(f"{p}.mlp.down_proj.weight"))
         if progress:
