@@ -106,6 +106,10 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.tensor(rope_inv_freq(cfg), dtype=torch.float32), persistent=False)
 
+    def inv_freq_values(self):
+        """RoPE inverse frequencies as numpy (valid even when the module lives on the meta device)."""
+        return rope_inv_freq(self.config)
+
     def lm_head_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
