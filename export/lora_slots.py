@@ -1,0 +1,86 @@
+"""LoRA slots: a WeightEmitter wrapper that gives each adapted projection a low-rank side path fed by graph inputs.
+
+    y = inner.linear(x) + (x @ A^T) @ B^T        A: lora.{i}.{p}.A [r, K], B: lora.{i}.{p}.B [N, r]
+
+It wraps whatever emitter the export uses (float or quantized), so the base weights keep their
+precision and the adapter stays float32. The rank r is a symbolic dimension per projection: the
+runtime binds an adapter's own rank, or empty tensors (no adapter), which add exactly zero.
+
+A packed node (qkv_proj, gate_up_proj) keeps one base matmul; each part gets its own side path and
+the parts' deltas are concatenated in the packed order before the single Add. Slots therefore
+cover whole packed nodes: asking for q alone in a graph that packs q/k/v gives k and v slots too
+(empty unless an adapter fills them). Per-part inputs, rather than one block-diagonal B per packed
+node, keep the bytes read per token at the adapter's own size: on small models those bytes, not
+the extra nodes, are what decoding with an adapter pays for.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from edgellama.errors import EdgeLlamaError
+from edgellama.quantize.onnx_weights import MS_DOMAIN
+from edgellama.runtime import adapters as RA
+from edgellama.runtime import bundle as B
+
+_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.\w+$")
+MAX_RANK = 256  # beyond this a merged export (or a full fine-tune) is the better tool
+
+
+def check_slot_options(rank: int, targets: list[str] | None) -> list[str]:
+    """Validate --lora-slots / --lora-targets; returns the projections asked for."""
+    from edgellama.export.lora import projection_name
+
+    if not rank:
+        raise EdgeLlamaError("--lora-targets needs --lora-slots R")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
+        raise EdgeLlamaError(f"--lora-slots must be a rank between 1 and {MAX_RANK}, got {rank!r}")
+    chosen = {projection_name(t) for t in targets} if targets else set(RA.PROJECTIONS)
+    return [p for p in RA.PROJECTIONS if p in chosen]
+
+
+class LoraSlots:
+    def __init__(self, inner, rank: int, targets: list[str], form: str):
+        self.inner, self.rank, self.targets, self.fast = inner, rank, set(targets), form == "fast"
+        self.extra_inputs: list[B.TensorSpec] = []  # picked up by build_llama_graph after the layer loop
+        self.slotted: set[str] = set()
+
+    def __getattr__(self, name):  # summary(), tensor_bits, ...: whatever the wrapped emitter offers
+        return getattr(self.inner, name)
+
+    def embedding(self, g, ids: str, w: np.ndarray, tied: bool) -> str:
+        return self.inner.embedding(g, ids, w, tied)
+
+    def lm_head(self, g, x: str, w: np.ndarray | None, tied: bool) -> str:
+        return self.inner.lm_head(g, x, w, tied)
+
+    def linear(self, g, x: str, name: str, w: np.ndarray, parts=None) -> str:
+        y = self.inner.linear(g, x, name, w, parts)
+        m = _LINEAR.match(name)
+        parts = [(p.rsplit(".", 1)[-1], n) for p, n in parts or [(name, w.shape[0])]]
+        if not m or not self.targets & {proj for proj, _ in parts}:
+            return y
+        layer, k = int(m[1]), w.shape[1]
+        deltas = []
+        for proj, n in parts:
+            self.slotted.add(proj)
+            a, b, r = (RA.slot_input(layer, proj, which) for which in ("A", "B", "rank"))
+            self.extra_inputs += [B.TensorSpec(a, "float32", [r, k]), B.TensorSpec(b, "float32", [n, r])]
+            tag = f"/model/layers.{layer}/lora/{proj}"
+            deltas.append(self._matmul_t(g, self._matmul_t(g, x, a, f"{tag}/A"), b, f"{tag}/B"))
+        delta = deltas[0] if len(deltas) == 1 else g.node("Concat", deltas, name=f"{name}/lora/Concat", axis=-1)
+        return g.node("Add", [y, delta], name=f"{name}/lora/Add")
+
+    def _matmul_t(self, g, x: str, w: str, name: str) -> str:
+        """x @ w^T without materialising w^T: FusedMatMul in the fast form; Transpose+MatMul, which
+        onnxruntime fuses into the same kernel, in the portable one."""
+        if self.fast:
+            return g.node("FusedMatMul", [x, w], name=f"{name}/FusedMatMul", domain=MS_DOMAIN, transB=1)
+        wt = g.node("Transpose", [w], name=f"{name}/Transpose", perm=[1, 0])
+        return g.node("MatMul", [x, wt], name=f"{name}/MatMul")
+
+    def record(self) -> dict:
+        """The manifest's extras["lora_slots"]: the largest rank an adapter may bring, and where it may act."""
+        return {"rank": self.rank, "targets": [p for p in RA.PROJECTIONS if p in self.slotted]}
