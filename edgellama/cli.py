@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
         return int(result or 0)
     except EdgeLlamaError as exc:
-        print(f"edgellama: error: {exc}", file=sys.stderr)
+        # One line whatever the message quotes (a key or file name may hold a newline).
+        print(f"edgellama: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgellama: interrupted", file=sys.stderr)

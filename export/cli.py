@@ -1,4 +1,4 @@
-"""CLI verbs of edgellama.export: export, inspect."""
+"""CLI verbs of edgellama.export: export, inspect, adapter."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-context", type=int, default=None, help="longest context the bundle serves")
     p.add_argument("--portable", action="store_true", help="standard ONNX ops only (any ONNX runtime)")
     p.add_argument("--all-logits", action="store_true", help="logits for every position, not only the last")
+    p.add_argument("--stateless", action="store_true", help="Core ML: KV cache in/out (iOS 17) instead of states (iOS 18)")
     p.add_argument("--quant", choices=["int4", "int8"], default=None, help="weight quantization")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--method", default=None, help="quantization method (see `edgellama quantize --help`)")
@@ -23,13 +24,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-head", choices=["keep", "int8", "int4"], default=None)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads written into the bundle (0: cores at load)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against the torch model")
+    p.add_argument("--ort-format", action="store_true",
+                   help="also write model.ort (onnxruntime's ORT format, for ORT Mobile) and required_operators.config")
+    p.add_argument("--device", default=None,
+                   help="device profile the bundle is for (see `edgellama devices`): refused if it would not fit; "
+                        "default: record every built-in profile it fits")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="PEFT LoRA adapter folder to merge into the weights")
+    p.add_argument("--lora-slots", type=int, default=0, metavar="R",
+                   help="give the graph rank-R LoRA inputs, for adapters swapped at run time (`edgellama adapter`)")
+    p.add_argument("--lora-targets", default=None, metavar="LIST",
+                   help="projections that get LoRA slots, comma-separated (default: q,k,v,o,gate,up,down)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("adapter", help="turn a PEFT LoRA adapter into a file a --lora-slots bundle swaps in")
+    p.add_argument("adapter_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base", required=True, help="the base bundle, exported with --lora-slots")
+    p.add_argument("-o", "--output", required=True, help="adapter file to write")
+    p.add_argument("--format", choices=["edgellama", "onnx_adapter"], default="edgellama",
+                   help="edgellama (for edgellama run/load) or onnx_adapter (onnxruntime / onnxruntime-genai)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_adapter)
 
     p = sub.add_parser("inspect", help="print a bundle's manifest")
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
+    register_quality(sub)
 
 
 def quant_options(args: argparse.Namespace) -> dict | None:
@@ -52,17 +73,38 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.threads < 0:
         raise EdgeLlamaError("--threads must be >= 0")
+    if args.format == "coreml" and args.ort_format:
+        raise EdgeLlamaError("--ort-format converts an ONNX graph: it does not apply to --format coreml")
     if args.format == "coreml":
         from edgellama.export.coreml_export import export_coreml_cli
 
+        if args.lora_slots or args.lora_targets:
+            raise EdgeLlamaError("--lora-slots applies to --format onnx only (Core ML takes merged adapters: --adapter)")
+        if args.adapter:
+            from edgellama.export.lora import merge_adapter
+            from edgellama.export.sources import load_source
+
+            args.source = merge_adapter(load_source(args.source), args.adapter)
         return export_coreml_cli(args)
     from edgellama.export.onnx_export import ExportOptions, export_onnx
 
     opts = ExportOptions(form="portable" if args.portable else "fast", dtype=args.dtype or "fp32",
                          max_context=args.max_context, logits="all" if args.all_logits else "last",
-                         quant=quant_options(args), verify=not args.no_verify, force=args.force, threads=args.threads)
+                         quant=quant_options(args), verify=not args.no_verify, force=args.force, threads=args.threads,
+                         device=args.device, ort_format=args.ort_format, adapter=args.adapter,
+                         lora_slots=args.lora_slots,
+                         lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
     report = export_onnx(args.source, args.output, opts)
     print(f"wrote {report.out} ({report.size_bytes / 1e6:.1f} MB) in {report.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _adapter(args: argparse.Namespace) -> int:
+    from edgellama.export.lora import write_adapter_file
+
+    r = write_adapter_file(args.adapter_dir, args.base, args.output, fmt=args.format, force=args.force)
+    print(f"wrote {r.out} ({r.size_bytes / 1e6:.2f} MB): rank {r.rank} in {r.slots} slots, "
+          f"{', '.join(r.targets)}", file=sys.stderr)
     return 0
 
 
@@ -93,7 +135,64 @@ def _inspect(args: argparse.Namespace) -> int:
     if "verification" in m.extras:
         v = m.extras["verification"]
         rows.append(("verification", f"max |Δlogit| {v['max_abs_logit_diff']:.2e}, greedy {v['greedy_agreement']:.2f}"))
+    if "adapter" in m.extras:
+        ad = m.extras["adapter"]
+        rows.append(("adapter", f"{ad['name']} merged (r {ad['r']}, alpha {ad['lora_alpha']}, {', '.join(ad['targets'])})"))
+    if "lora_slots" in m.extras:
+        sl = m.extras["lora_slots"]
+        rows.append(("lora slots", f"rank <= {sl['rank']} on {', '.join(sl['targets'])}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def register_quality(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize an exported float bundle to int4/int8 weights")
+    p.add_argument("bundle", help="a float (fp32/fp16) ONNX bundle")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    p.add_argument("--block-size", type=int, default=None, help="weights per scale (power of two >= 16; default 32 for "
+                                                               "int4, 128 for int8)")
+    p.add_argument("--method", default=None, help="rtn | mse | hqq | mixed (hqq, with the most sensitive projections "
+                                                  "at int8; the int4 default)")
+    p.add_argument("--embeddings", choices=["keep", "int8", "int4"], default=None)
+    p.add_argument("--lm-head", choices=["keep", "int8", "int4"], default=None)
+    p.add_argument("--accuracy-level", type=int, choices=[1, 4], default=None,
+                   help="MatMulNBits compute: 4 = int8 activations (default, faster), 1 = fp32 activations")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="text to calibrate on: weights each weight's error by its input channel's mean |activation|")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against the torch model")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement of a bundle against the fp32 reference")
+    p.add_argument("bundle")
+    p.add_argument("--reference", required=True, help="the float checkpoint (any export source, or a float bundle)")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from edgellama.export.requantize import quantize_bundle
+
+    args.quant = f"int{args.bits}"
+    quant = quant_options(args)
+    if args.accuracy_level is not None:
+        quant["accuracy_level"] = args.accuracy_level
+    report = quantize_bundle(args.bundle, args.output, quant, force=args.force, verify=not args.no_verify,
+                             calib=args.calib)
+    print(f"wrote {report.out} ({report.size_bytes / 1e6:.1f} MB) in {report.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from edgellama.export.evaluate import evaluate, format_report, to_json
+
+    result = evaluate(args.bundle, args.reference, args.text, window=args.window, max_tokens=args.max_tokens,
+                      progress=True)
+    print(to_json(result) if args.json else format_report(result))
     return 0

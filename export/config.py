@@ -60,7 +60,12 @@ class LlamaConfig:
         if not isinstance(cfg, dict):
             raise EdgeLlamaError("config.json is not a JSON object")
         archs = cfg.get("architectures") or []
+        archs = [archs] if isinstance(archs, str) else archs
         model_type = cfg.get("model_type")
+        if model_type is None:
+            raise EdgeLlamaError("config.json is missing 'model_type'")
+        if not isinstance(model_type, str) or not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise EdgeLlamaError("config.json has an invalid 'model_type' or 'architectures'")
         if model_type not in LLAMA_MODEL_TYPES or (archs and not set(archs) & LLAMA_ARCHITECTURES):
             name = ", ".join(archs) if archs else str(model_type)
             raise EdgeLlamaError(f"unsupported architecture {name!r}: edgellama exports Llama models only")
@@ -91,6 +96,8 @@ class LlamaConfig:
         if not isinstance(rope, dict):
             raise EdgeLlamaError("config.json has an invalid 'rope_parameters'")
         scaling = cfg.get("rope_scaling") or rope
+        if not isinstance(scaling, dict):
+            raise EdgeLlamaError("config.json has an invalid 'rope_scaling'")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         if not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
             raise EdgeLlamaError(f"config.json has an invalid rope_theta: {theta!r}")
@@ -106,6 +113,10 @@ class LlamaConfig:
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise EdgeLlamaError(f"config.json has an incomplete llama3 rope scaling: {exc}") from None
+            # rope_inv_freq divides by these: a zero or inverted band would turn frequencies into inf/NaN
+            if not (rope_scaling.factor > 0 and rope_scaling.high_freq_factor > rope_scaling.low_freq_factor > 0
+                    and rope_scaling.original_max_position_embeddings > 0):
+                raise EdgeLlamaError(f"config.json has an invalid llama3 rope scaling: {asdict(rope_scaling)}")
         elif rope_type not in ("default", None):
             raise EdgeLlamaError(f"unsupported rope_type {rope_type!r}: edgellama supports default and llama3 RoPE")
 
@@ -119,7 +130,12 @@ class LlamaConfig:
             raise EdgeLlamaError(f"unsupported hidden_act {act!r}: Llama uses silu")
 
         eos = cfg.get("eos_token_id")
-        eos_list = [eos] if isinstance(eos, int) else [int(e) for e in (eos or [])]
+        eos_list = [eos] if isinstance(eos, int) else eos or []
+        if not isinstance(eos_list, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+            raise EdgeLlamaError(f"config.json has an invalid eos_token_id: {eos!r}")
+        tied = cfg.get("tie_word_embeddings") or False
+        if not isinstance(tied, bool):  # bool("false") is True: a string here would silently tie
+            raise EdgeLlamaError(f"config.json has an invalid tie_word_embeddings: {tied!r}")
         bos = cfg.get("bos_token_id")
         return cls(
             hidden_size=hidden,
@@ -133,7 +149,7 @@ class LlamaConfig:
             rms_norm_eps=float(eps),
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tied,
             bos_token_id=bos if isinstance(bos, int) else None,
             eos_token_id=eos_list,
         )

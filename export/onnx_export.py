@@ -38,7 +38,11 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     threads: int = 0  # 0: physical cores, detected by the runtime at load
-    device: str | None = None
+    device: str | None = None  # a device profile to plan for (devices hint); None: every built-in profile
+    ort_format: bool = False  # also write model.ort (ORT Mobile) and required_operators.config
+    adapter: str | None = None  # a PEFT LoRA adapter folder, merged into the weights
+    lora_slots: int = 0  # R > 0: graph inputs for swappable rank-R adapters (edgellama.export.lora_slots)
+    lora_targets: list[str] | None = None  # projections given slots; None: all seven
 
 
 @dataclass
@@ -105,8 +109,10 @@ def write_tokenizer_files(out: Path, tok: PreparedTokenizer) -> None:
 
 def finish_manifest(out: Path, manifest: B.Manifest) -> None:
     """Checksum every file, then write the manifest last: its presence marks a complete bundle."""
+    from edgellama.runtime.pack import sealed_manifest
+
     manifest.files = B.checksum_tree(out)
-    (out / B.MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    (out / B.MANIFEST).write_bytes(sealed_manifest(manifest))  # sealed: a changed manifest byte is caught too
 
 
 def export_onnx(
@@ -122,7 +128,19 @@ def export_onnx(
     if opts.dtype not in ("fp32", "fp16"):
         raise EdgeLlamaError(f"unsupported dtype {opts.dtype!r} (fp32 or fp16)")
     check_output_dir(out, opts.force)  # fail before loading anything; atomic_dir checks again at write time
+    slot_targets = None
+    if opts.lora_slots or opts.lora_targets:
+        from edgellama.export.lora_slots import check_slot_options
+
+        slot_targets = check_slot_options(opts.lora_slots, opts.lora_targets)
+    adapter = None
+    if opts.adapter:
+        from edgellama.export.lora import merge_adapter, read_adapter
+
+        adapter = read_adapter(opts.adapter)  # before the source: a bad adapter fails fast
     src = source if isinstance(source, Source) else load_source(source)
+    if adapter is not None:
+        src = merge_adapter(src, adapter)
     cfg = src.config
     ctx = opts.max_context if opts.max_context is not None else min(cfg.max_position_embeddings, DEFAULT_EXPORT_CONTEXT)
     if ctx < 1 or ctx > cfg.max_position_embeddings:
@@ -141,13 +159,20 @@ def export_onnx(
         from edgellama.quantize.onnx_weights import make_emitter  # export -> quantize, never the reverse
 
         emitter, quant_info = make_emitter(cfg, opts.quant, form=opts.form, fallback=FloatWeights())
+    # Before anything is built: a bundle meant for a device it would not fit fails here.
+    devices = devices_hint(cfg.to_hf(), opts.dtype, asdict(emitter.opts) if emitter else None, ctx, opts.device)
 
+    graph_emitter = emitter
+    if slot_targets:
+        from edgellama.export.lora_slots import LoraSlots
+
+        graph_emitter = LoraSlots(emitter or FloatWeights(), opts.lora_slots, slot_targets, opts.form)
     gopts = GraphOptions(form=opts.form, dtype=opts.dtype, max_context=ctx, logits=opts.logits)
     with atomic_dir(out, force=opts.force) as tmp:
         external = _estimate_bytes(cfg, opts.dtype) > INLINE_LIMIT
         sink = WeightSink(tmp / B.ONNX_DATA if external else None)
         try:
-            result = build_llama_graph(cfg, src.tensors.get, gopts, sink, emitter,
+            result = build_llama_graph(cfg, src.tensors.get, gopts, sink, graph_emitter,
                                        progress=lambda i, n: log(f"export: layer {i}/{n}") if n >= 8 and i % 10 == 0 else None)
         finally:
             sink.close()
@@ -164,8 +189,12 @@ def export_onnx(
         manifest = B.Manifest(
             source=src.description, architecture=cfg.to_hf(), dtype=opts.dtype, graph=graph, context_length=ctx,
             tokens=tok.tokens, chat_template=tok.chat_template, quantization=quant_info, session_options=session,
-            created_by=f"edgellama {__version__}",
+            created_by=f"edgellama {__version__}", extras={"devices": devices},
         )
+        if adapter is not None:
+            manifest.extras["adapter"] = adapter.record()
+        if slot_targets:
+            manifest.extras["lora_slots"] = graph_emitter.record()
         write_tokenizer_files(tmp, tok)
         (tmp / B.HF_CONFIG).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
         write_genai_config(tmp, cfg, manifest)
@@ -175,10 +204,45 @@ def export_onnx(
 
             verification = verify_onnx_bundle(tmp, manifest, src, log=log)
             manifest.extras["verification"] = verification
+        if opts.ort_format:
+            from edgellama.export.ort_format import write_ort_format
+
+            manifest.extras["ort_format"] = write_ort_format(tmp, B.ONNX_MODEL, log=log)
         finish_manifest(tmp, manifest)
         size = sum((tmp / f).stat().st_size for f in manifest.files) + (tmp / B.MANIFEST).stat().st_size
     return ExportReport(out=str(out), seconds=time.perf_counter() - t0, size_bytes=size,
                         verification=verification, warnings=warnings)
+
+
+def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[str, Any] | None, context: int,
+                 device: str | None = None) -> dict[str, Any]:
+    """manifest.extras["devices"]: the profiles a bundle fits and the RSS it needs at its full context.
+
+    Planned with devices/plan.py for the bundle's own precision. With `device`, for that profile
+    only, and a bundle that would not fit it is refused (EdgeLlamaError). Otherwise every built-in
+    profile is tried (not the measured host: a bundle must not depend on where it was exported).
+    """
+    from dataclasses import replace
+
+    from edgellama.devices.catalog import HOST, builtin_profiles, get_profile
+    from edgellama.devices.plan import ModelShape, plan
+
+    shape = ModelShape.from_hf_config(architecture)
+    if quantization:
+        quant, block = f"int{quantization['bits']}", int(quantization["block_size"])
+        embed = quantization.get("embeddings", "keep")
+        embed_quant = dtype if embed == "keep" else embed
+    else:
+        quant, block, embed_quant = dtype, 32, dtype
+    profiles = [get_profile(device)] if device else [p for name, p in builtin_profiles().items() if name != HOST]
+    # An ONNX bundle runs through onnxruntime on every device, Core ML profiles included, so its
+    # floats and KV cache keep the bundle's dtype: the estimate is the same for every profile.
+    plans = [plan(shape, replace(p, format="onnx"), quant=quant, max_context=context, block_size=block,
+                  kv_dtype=dtype, embed_quant=embed_quant) for p in profiles]
+    if device and not plans[0].fits:
+        raise EdgeLlamaError(f"this bundle would not fit {device}: {plans[0].recommendation}")
+    return {"planned_for": [p.device for p in plans if p.fits], "expected_rss_bytes": plans[0].total_bytes,
+            "context": context, "quant": quant, "kv_dtype": dtype}
 
 
 def _check_tensors(src: Source) -> None:

@@ -317,6 +317,7 @@ def build_llama_graph(
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
 
+    inputs += getattr(g.emitter, "extra_inputs", [])  # e.g. LoRA slots: inputs an emitter added while building
     if opts.logits == "last":  # only the last position needs the vocabulary-sized matmul
         x = g.node("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])], name="/model/LastToken/x")
         residual = g.node("Slice", [residual, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],

@@ -57,7 +57,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         raise EdgeLlamaError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # undecodable, not JSON, nested too deep, a 5000-digit number
         raise EdgeLlamaError(f"{path.name}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise EdgeLlamaError(f"{path.name}: corrupt safetensors header (not an object)")
@@ -73,7 +73,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             start, end = entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise EdgeLlamaError(f"{path.name}: malformed header entry for tensor {name!r}") from None
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise EdgeLlamaError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise EdgeLlamaError(f"{path.name}: tensor {name!r} has an invalid shape {list(shape)}")

@@ -21,6 +21,7 @@ from edgellama.export.config import LlamaConfig
 from edgellama.export.safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 class TensorStore(Protocol):
@@ -54,11 +55,19 @@ class SafetensorsStore:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def _file(self, name: str) -> SafetensorsFile:
+        # Exporters ask every weight's shape before writing anything, so a wrong dtype fails early.
+        st = self._where[name]
+        dtype = st.infos[name].dtype
+        if dtype not in FLOAT_DTYPES:  # an int tensor would be silently cast into a garbage weight
+            raise EdgeLlamaError(f"{st.path.name}: tensor {name!r} is {dtype}, not a floating-point weight")
+        return st
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._where[name].shape(name)
+        return self._file(name).shape(name)
 
     def get(self, name: str) -> np.ndarray:
-        return self._where[name].get(name)
+        return self._file(name).get(name)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -66,7 +75,7 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EdgeLlamaError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise EdgeLlamaError(f"{path.name} is not valid JSON ({exc.__class__.__name__})") from None
     except OSError as exc:
         raise EdgeLlamaError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -78,10 +87,15 @@ def load_hf_folder(folder: str | os.PathLike, description: str | None = None) ->
     config = LlamaConfig.from_hf(hf)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        index_data = _read_json(index, "safetensors index")
+        weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise EdgeLlamaError(f"{index.name} has no weight_map")
-        files = sorted({folder / str(f) for f in weight_map.values()})
+        shards = {str(f) for f in weight_map.values()}
+        for f in shards:
+            if os.path.isabs(f) or ".." in Path(f).parts:
+                raise EdgeLlamaError(f"{index.name} lists a shard outside the checkpoint folder: {f!r}")
+        files = sorted(folder / f for f in shards)
         for f in files:
             if not f.exists():
                 raise EdgeLlamaError(f"shard {f.name} listed in {index.name} is missing")
@@ -96,6 +110,8 @@ def load_hf_folder(folder: str | os.PathLike, description: str | None = None) ->
     tok_cfg = folder / "tokenizer_config.json"
     gen_cfg = folder / "generation_config.json"
     tokenizer_config = _read_json(tok_cfg, "tokenizer_config.json") if tok_cfg.exists() else {}
+    if not isinstance(tokenizer_config, dict):
+        raise EdgeLlamaError("tokenizer_config.json is not a JSON object")
     template = tokenizer_config.get("chat_template")
     jinja = folder / "chat_template.jinja"  # transformers 5 keeps the template in its own file
     if template is None and jinja.exists():

@@ -58,7 +58,10 @@ class QuantOptions:
             raise EdgeLlamaError(f"unknown quantization method {method!r}: expected one of {METHODS + ('mixed',)}")
         default_head = "int8"
         opts = cls(bits=bits, method=method, mixed=mixed and bits == 4,
-                   block_size=d.pop("block_size", None) or (32 if bits == 4 else 128),
+                   # 32 for int8 too: accuracy_level 4 quantizes activations per weight block, and on
+                   # de-gridded SmolLM2 int8 KLD went 0.018 (128) -> 0.0098 (64) -> 0.0057 (32);
+                   # 128 also pads K = 576 rows to 640. docs/quantization.md has the table.
+                   block_size=d.pop("block_size", None) or 32,
                    embeddings=d.pop("embeddings", None) or ("int8" if bits == 8 else default_head),
                    lm_head=d.pop("lm_head", None) or ("int8" if bits == 8 else default_head),
                    symmetric=d.pop("symmetric", None),
@@ -76,14 +79,16 @@ class QuantOptions:
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
-    """Layers whose v/down projections matter most: the first and last eighth, and every third between."""
+    """Layers whose down projections matter most: the first and last eighth, and every third between."""
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
 class QuantizedWeights:
-    def __init__(self, cfg, opts: QuantOptions, form: str, fallback):
-        """cfg: the model's LlamaConfig; fallback: the float emitter, for tensors kept float."""
+    def __init__(self, cfg, opts: QuantOptions, form: str, fallback, act_scales: dict[str, np.ndarray] | None = None):
+        """cfg: the model's LlamaConfig; fallback: the float emitter, for tensors kept float;
+        act_scales: per-input-channel activation magnitudes by HF module name (calibration), or None."""
         self.cfg, self.opts, self.form, self.fallback = cfg, opts, form, fallback
+        self.act_scales = act_scales or {}
         self.fast = form == "fast"
         self.tensor_bits: dict[str, int] = {}
         self._tied_table: dict[str, str] | None = None
@@ -95,13 +100,16 @@ class QuantizedWeights:
         if o.bits == 8 or not o.mixed:
             return o.bits
         parts = name.split(".")
-        if len(parts) > 3 and parts[1] == "layers" and parts[-1] in ("v_proj", "down_proj"):
-            return 8 if use_more_bits(int(parts[2]), self.cfg.num_hidden_layers) else 4
+        if len(parts) > 3 and parts[1] == "layers":
+            if parts[-1] == "v_proj":  # the most sensitive weight per byte, and small under GQA: always int8
+                return 8
+            if parts[-1] == "down_proj":
+                return 8 if use_more_bits(int(parts[2]), self.cfg.num_hidden_layers) else 4
         return 4
 
-    def _quantize(self, w: np.ndarray, bits: int) -> QuantizedTensor:
+    def _quantize(self, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None) -> QuantizedTensor:
         sym = self.opts.symmetric if self.opts.symmetric is not None else (bits == 8)
-        return quantize(w, bits, self.opts.block_size, self.opts.method, symmetric=sym)
+        return quantize(w, bits, self.opts.block_size, self.opts.method, symmetric=sym, act_scale=act_scale)
 
     # -- node emission ------------------------------------------------------------------------
     def _matmul_nbits(self, g, x: str, name: str, qt: QuantizedTensor, b_name: str | None = None) -> str:
@@ -127,8 +135,8 @@ class QuantizedWeights:
         return g.node("DequantizeLinear", inputs, name=f"{name}/DequantizeLinear", axis=dq.axis,
                       block_size=dq.block_size)
 
-    def _linear_q(self, g, x: str, name: str, w: np.ndarray, bits: int) -> str:
-        qt = self._quantize(w, bits)
+    def _linear_q(self, g, x: str, name: str, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None) -> str:
+        qt = self._quantize(w, bits, act_scale)
         self.tensor_bits[name] = bits
         if self.fast:
             return self._matmul_nbits(g, x, name, qt)
@@ -137,6 +145,7 @@ class QuantizedWeights:
     def linear(self, g, x: str, name: str, w: np.ndarray, parts=None) -> str:
         """parts: [(hf_name, rows), ...] of a packed weight; runs of equal precision share one node."""
         parts = parts or [(name, w.shape[0])]
+        act = self.act_scales.get(parts[0][0])  # the parts of a packed weight share one input
         groups: list[tuple[int, int, int, list[str]]] = []  # (bits, start, stop, names)
         row = 0
         for part_name, rows in parts:
@@ -148,11 +157,11 @@ class QuantizedWeights:
                 groups.append((bits, row, row + rows, [part_name]))
             row += rows
         if len(groups) == 1:
-            return self._linear_q(g, x, name, w, groups[0][0])
+            return self._linear_q(g, x, name, w, groups[0][0], act)
         outs = []
         for bits, start, stop, names in groups:
             sub = name if len(names) == len(parts) else f"{name}.{'_'.join(n.rsplit('.', 1)[-1] for n in names)}"
-            outs.append(self._linear_q(g, x, sub, w[start:stop], bits))
+            outs.append(self._linear_q(g, x, sub, w[start:stop], bits, act))
         return g.node("Concat", outs, name=f"{name}/ConcatParts", axis=-1)
 
     def embedding(self, g, ids: str, w: np.ndarray, tied: bool) -> str:
@@ -215,7 +224,7 @@ class QuantizedWeights:
             return g.node("MatMulNBits", inputs, name="lm_head/MatMulNBits", domain=MS_DOMAIN,
                           accuracy_level=o.accuracy_level, **attrs)
         bits = 8 if o.lm_head == "int8" else 4
-        qt = self._quantize(w, bits)
+        qt = self._quantize(w, bits, self.act_scales.get("lm_head"))
         self.tensor_bits["lm_head"] = bits
         if self.fast:
             return self._matmul_nbits(g, x, "lm_head", qt)
@@ -238,11 +247,14 @@ class QuantizedWeights:
         info["tensors_by_precision"] = counts
         info["int8_tensors"] = sorted(n for n, b in self.tensor_bits.items() if b == 8 and self.opts.bits == 4)
         info["activation"] = "int8" if self.opts.accuracy_level == 4 else "fp32"
+        info["calibrated"] = bool(self.act_scales)
         return info
 
 
 def make_emitter(cfg, quant: dict[str, Any], *, form: str, fallback) -> tuple[QuantizedWeights, dict[str, Any]]:
     """The emitter, plus the manifest's `quantization` record (completed by summary() after the build)."""
+    quant = dict(quant)
+    act_scales = quant.pop("act_scales", None)  # arrays from calibration: used, not recorded
     opts = QuantOptions.from_dict(quant)
     if cfg.tie_word_embeddings and (opts.embeddings == "keep") != (opts.lm_head == "keep"):
         raise EdgeLlamaError("this model ties its embedding and lm_head: --embeddings and --lm-head must both "
@@ -250,7 +262,7 @@ def make_emitter(cfg, quant: dict[str, Any], *, form: str, fallback) -> tuple[Qu
     if cfg.tie_word_embeddings and opts.embeddings != opts.lm_head:
         raise EdgeLlamaError("this model ties its embedding and lm_head: they are quantized once, so "
                              "--embeddings and --lm-head must agree")
-    em = QuantizedWeights(cfg, opts, form, fallback)
+    em = QuantizedWeights(cfg, opts, form, fallback, act_scales)
     info: dict[str, Any] = {}
     if form == "portable":
         # onnxruntime would otherwise fuse DequantizeLinear+MatMul with int8 activations silently.

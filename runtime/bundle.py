@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from edgellama.errors import EdgeLlamaError
+from edgellama.fsutil import is_temp_sibling
 
 FORMAT = "edgellama-bundle"
 FORMAT_VERSION = 1
@@ -101,7 +104,7 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise EdgeLlamaError(f"{MANIFEST} is not an edgellama manifest")
         version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
             raise EdgeLlamaError(f"bundle format version {version!r} is newer than this edgellama supports "
                                  f"({FORMAT_VERSION}): upgrade edgellama")
         try:
@@ -114,12 +117,65 @@ class Manifest:
             args["tokens"] = TokenInfo(**d["tokens"])
             m = cls(**args)
         except (KeyError, TypeError, ValueError) as exc:
-            raise EdgeLlamaError(f"{MANIFEST} is malformed: {exc}") from None
+            raise EdgeLlamaError(f"{MANIFEST} is malformed: {' '.join(str(exc).split())[:300]}") from None
         if not isinstance(m.files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.files.items()):
             raise EdgeLlamaError(f"{MANIFEST} is malformed: 'files' must map names to sha256 strings")
-        if not isinstance(m.context_length, int) or m.context_length < 1:
+        hints = _hints(cls)
+        for f in fields(cls):  # the dataclass declarations are the schema: a wrong type fails here, not deep in a runtime
+            if not _conforms(getattr(m, f.name), hints[f.name]):
+                raise EdgeLlamaError(f"{MANIFEST} is malformed: {f.name!r} has the wrong type")
+        if m.context_length < 1:
             raise EdgeLlamaError(f"{MANIFEST} is malformed: invalid context_length")
+        arch = m.architecture
+        if not all(_count(arch.get(k)) for k in ARCH_SIZES):
+            raise EdgeLlamaError(f"{MANIFEST} is malformed: 'architecture' needs positive integers "
+                                 f"{', '.join(ARCH_SIZES)}")
+        if not _inside(m.graph.file):
+            raise EdgeLlamaError(f"{MANIFEST} is malformed: graph file {m.graph.file!r} is not a path inside the bundle")
+        threads = m.session_options.get("intra_op_num_threads", 0)
+        if not _conforms(threads, int) or threads < 0 or not isinstance(m.session_options.get("config_entries", {}), dict):
+            raise EdgeLlamaError(f"{MANIFEST} is malformed: invalid 'session_options'")
+        t = m.tokens
+        if any(not 0 <= i < arch["vocab_size"] for i in [*t.eos_ids, *(x for x in (t.bos_id, t.pad_id) if x is not None)]):
+            raise EdgeLlamaError(f"{MANIFEST} is malformed: a token id in 'tokens' is outside the vocabulary")
         return m
+
+
+ARCH_SIZES = ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size")  # what runtimes size buffers from
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Does a value parsed from JSON have the type a dataclass field declares? (A bool is no int here.)"""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+    if is_dataclass(hint):
+        return isinstance(value, hint) and all(_conforms(getattr(value, f.name), _hints(hint)[f.name])
+                                               for f in fields(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _inside(rel: str) -> bool:
+    return bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -149,11 +205,13 @@ def read_manifest(bundle: str | os.PathLike, *, verify: bool = True) -> Manifest
     path = root / MANIFEST
     if not root.is_dir():
         raise EdgeLlamaError(f"bundle {root} not found (expected a directory)")
+    if is_temp_sibling(root):  # may even hold a manifest, if killed just before its rename
+        raise EdgeLlamaError(f"{root} is the work directory of an unfinished export, not a bundle")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EdgeLlamaError(f"{root} is not a bundle: {MANIFEST} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # undecodable, not JSON, nested too deep, a 5000-digit number
         raise EdgeLlamaError(f"{path} is corrupt (not JSON)") from None
     manifest = Manifest.from_dict(data)
     if verify:
@@ -162,9 +220,12 @@ def read_manifest(bundle: str | os.PathLike, *, verify: bool = True) -> Manifest
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
+    graph = manifest.graph.file
+    if graph not in manifest.files and not any(k.startswith(graph + "/") for k in manifest.files):
+        raise EdgeLlamaError(f"{MANIFEST} has no checksum for the graph {graph}")  # it would load unverified
     for rel, digest in sorted(manifest.files.items()):
         p = root / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
+        if not _inside(rel):
             raise EdgeLlamaError(f"{MANIFEST} lists an unsafe path {rel!r}")
         if not p.is_file():
             raise EdgeLlamaError(f"bundle file {rel} is missing")

@@ -56,6 +56,22 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     def unsafe_undefined(self, obj: Any, attribute: Any) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
+    # One `'a' * 10**9` or `9 ** 10**8` would stall or exhaust the host: bound repetition and powers.
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                    raise SecurityError(f"the template builds a sequence of more than {_MAX_REPEAT} items")
+        elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > _MAX_EXPONENT:
+            raise SecurityError(f"the template raises to a power above {_MAX_EXPONENT}")
+        return super().call_binop(context, operator, left, right)
+
+
+_MAX_REPEAT = 1_000_000
+_MAX_EXPONENT = 1024
+
 
 def _raise_exception(message: Any) -> None:
     raise _TemplateRaised(str(message))
@@ -136,6 +152,6 @@ def render(template: str, messages: list[dict], *, add_generation_prompt: bool =
     except _TemplateRaised as e:
         raise EdgeLlamaError(f"chat template refused the conversation: {_one_line(e)}") from None
     except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
-            OverflowError, RecursionError) as e:
+            OverflowError, RecursionError, MemoryError) as e:
         # The template is input too: its runtime failures are the user's to fix, not our bug.
         raise EdgeLlamaError(f"chat template failed to render: {_one_line(e)}") from None

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", default=None, help="prompt text ('-' or absent: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--adapter", default=None, help="LoRA adapter file (from `edgellama adapter`) for a --lora-slots bundle")
     _add_sampling_args(p)
     p.set_defaults(func=_run)
 
@@ -39,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_load_args(p)
     _add_sampling_args(p)
     p.add_argument("--truncate", action="store_true", help="drop the oldest turns when the context fills")
+    p.add_argument("--adapter", default=None, help="LoRA adapter file for a --lora-slots bundle (/adapter FILE|none switches)")
     p.set_defaults(func=_chat)
+    register_pack(sub)
+
+    _register_bench(sub)
 
 
 def _params(args: argparse.Namespace):
@@ -72,7 +77,8 @@ def _run(args: argparse.Namespace) -> int:
 
     params = _params(args)
     prompt = _read_prompt(args)
-    model = load(args.bundle, provider=args.provider, threads=args.threads, max_context=args.max_context)
+    model = load(args.bundle, provider=args.provider, threads=args.threads, max_context=args.max_context,
+                 adapter=args.adapter)
     prompt_ids = model.encode_prompt(prompt, chat=args.chat, system=args.system)
     text, ids, last = [], [], None
     for event in stream_ids(model, prompt_ids, params):
@@ -95,51 +101,158 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_line(interactive: bool) -> str | None:
+    """One line of user input, or None at end of input. Bytes that are not UTF-8 are an EdgeLlamaError."""
+    from edgellama.errors import EdgeLlamaError
+
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+        except UnicodeDecodeError:
+            raise EdgeLlamaError("that line is not valid UTF-8") from None
+    raw = sys.stdin.buffer.readline()
+    if not raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgeLlamaError(f"that line is not valid UTF-8 (byte {exc.start})") from None
+
+
 def _chat(args: argparse.Namespace) -> int:
+    from contextlib import closing
+
     from edgellama.errors import EdgeLlamaError
     from edgellama.runtime.generate import ChatSession, load
 
     params = _params(args)
-    model = load(args.bundle, provider=args.provider, threads=args.threads, max_context=args.max_context)
+    model = load(args.bundle, provider=args.provider, threads=args.threads, max_context=args.max_context,
+                 adapter=args.adapter)
     session = ChatSession(model, system=args.system, params=params, truncate=args.truncate)
     interactive = sys.stdin.isatty()
     if interactive:
         print("edgellama chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
-            if interactive:
-                line = input("> ")
-            else:
-                line = sys.stdin.readline()
-                if not line:
-                    break
-        except EOFError:
-            break
+            line = _read_line(interactive)
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
+        except EdgeLlamaError as exc:  # one bad line does not end the conversation
+            print(f"edgellama: error: {exc}", file=sys.stderr)
+            continue
+        if line is None:
+            break
         line = line.strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
             break
+        if line.startswith("/adapter "):
+            name = line.split(None, 1)[1]
+            try:
+                session.set_adapter(None if name == "none" else name)
+            except EdgeLlamaError as exc:
+                print(f"edgellama: error: {exc}", file=sys.stderr)
+            else:
+                print(f"(adapter: {model.adapter or 'none'}; the conversation is prefilled again)", file=sys.stderr)
+            continue
         if line == "/reset":
             session.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
         last = None
         try:
-            for event in session.send(line):
-                last = event
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+            # closing(): on Ctrl-C the answer's generator is finalized here and now, so the session
+            # records what the cache holds before the next line is read.
+            with closing(session.send(line)) as events:
+                for event in events:
+                    last = event
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
         except KeyboardInterrupt:
-            print("\n(stopped)", file=sys.stderr)
+            sys.stdout.write("\n")  # each answer, even a cut one, ends its line on stdout
+            sys.stdout.flush()
+            print("(stopped)", file=sys.stderr)
             continue
         except EdgeLlamaError as exc:  # e.g. the context is full: the session goes on
             print(f"edgellama: error: {exc}", file=sys.stderr)
             continue
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if last is not None and interactive:
             print(_stats_line(last.stats), file=sys.stderr)
+    return 0
+
+
+# -- pack / verify: one archive an app downloads, and the check it runs before loading ---------
+def register_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="pack a bundle into one deterministic .zip an app can download and verify")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("-o", "--output", required=True, help="archive to write (.zip)")
+    p.add_argument("--force", action="store_true", help="replace an existing archive")
+    p.set_defaults(func=_pack)
+
+    p = sub.add_parser("verify", help="check every file of a bundle (directory or .zip) against its manifest")
+    p.add_argument("bundle", help="bundle directory or .zip archive")
+    p.set_defaults(func=_verify)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from edgellama.runtime.bundle import sha256_file
+    from edgellama.runtime.pack import pack
+
+    out = pack(args.bundle, args.output, force=args.force)
+    print(f"{sha256_file(out)}  {out}")  # the digest an app can pin for the download
+    print(f"packed {args.bundle} into {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from edgellama.runtime.pack import verify
+
+    m = verify(args.bundle)
+    print(f"OK: {args.bundle}: {len(m.files) + 1} files match the manifest")
+    return 0
+
+
+# -- bench: TTFT, prefill/decode speed, peak RSS and bandwidth use of a bundle -------------------
+def _register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure TTFT, prefill/decode tok/s, peak RSS and bandwidth use of a bundle")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the bundle's, else physical cores)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache size (default: prompt + new tokens)")
+    p.add_argument("--provider", default=None, help="onnxruntime execution provider")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="also sweep decode tok/s over context lengths and plot it")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+
+    from edgellama.errors import EdgeLlamaError
+    from edgellama.runtime.bench import DEFAULT_CONTEXTS, BenchOptions, bench, plot_sweep, report
+
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise EdgeLlamaError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
+    if args.plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise EdgeLlamaError(f"--plot: the folder of {args.plot} does not exist")
+    contexts = tuple(c for c in DEFAULT_CONTEXTS if args.max_context is None or c <= args.max_context) if args.plot else ()
+    opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=args.repeat,
+                        threads=args.threads, max_context=args.max_context, provider=args.provider, contexts=contexts)
+    result = bench(args.bundle, opts)
+    if args.plot:
+        plot_sweep(result.sweep, args.plot)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(report(result))
+        if args.plot:
+            print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from edgellama.errors import EdgeLlamaError
 from edgellama.runtime import bundle as B
+from edgellama.runtime.adapters import INPUT_PREFIX as LORA_INPUT_PREFIX, slot_feeds
 
 DEFAULT_CONTEXT = 4096
 PROVIDERS = {
@@ -79,7 +80,7 @@ class OnnxEngine:
         self.root = Path(bundle_dir)
         g = manifest.graph
         limit = manifest.context_length
-        ctx = max_context or min(DEFAULT_CONTEXT, limit)
+        ctx = min(DEFAULT_CONTEXT, limit) if max_context is None else max_context
         if ctx < 1 or ctx > limit:
             raise EdgeLlamaError(f"max context {ctx} is outside what this bundle serves (1..{limit})")
         self.context = ctx
@@ -96,6 +97,7 @@ class OnnxEngine:
         self.kv_heads = int(arch["num_key_value_heads"])
         self.head_dim = int(arch["head_dim"])
         self.vocab_size = int(arch["vocab_size"])
+        self._check_sizes()
         self.share = g.past_present_share_buffer
         self.has_position_ids = any(s.name == B.POSITION_IDS for s in g.inputs)
         self._kv_dtype = np.float16 if any(s.dtype == "float16" for s in g.inputs if s.name.startswith("past")) else np.float32
@@ -105,6 +107,17 @@ class OnnxEngine:
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
         self._step_logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
         self._step_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        self._kv: list[ort.OrtValue] = []
+        if self.share:
+            # Allocated and bound once, for the whole context: these buffers are past and present
+            # for the engine's lifetime, and reset/rewind only move `pos` (the attention mask hides
+            # whatever stale entries lie beyond it).
+            self._kv = [self._zeros(ctx) for _ in range(2 * self.n_layers)]
+            for i in range(self.n_layers):
+                for j, kind in enumerate(("key", "value")):
+                    self._io.bind_ortvalue_input(B.past_name(i, kind), self._kv[2 * i + j])
+                    self._io.bind_ortvalue_output(B.present_name(i, kind), self._kv[2 * i + j])
+        self.set_adapter_inputs(None)
         self.reset()
 
     def _check_io(self) -> None:
@@ -117,19 +130,43 @@ class OnnxEngine:
             missing = sorted(set(want_in + want_out) ^ set(got_in + got_out))
             raise EdgeLlamaError(f"the ONNX graph's inputs/outputs disagree with the manifest (e.g. {missing[:3]})")
 
+    def _check_sizes(self) -> None:
+        """Buffers are sized from the manifest's numbers, so they must be the graph's own."""
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        logits = [o for o in self.session.get_outputs() if o.name == B.LOGITS]
+        ok = len(past) == 2 * self.n_layers and len(logits) == 1
+        for i in past:
+            ok = ok and len(i.shape) == 4 and all(
+                not isinstance(d, int) or d == want for d, want in zip(i.shape[1::2], (self.kv_heads, self.head_dim)))
+        if ok and logits[0].shape and isinstance(logits[0].shape[-1], int):
+            ok = logits[0].shape[-1] == self.vocab_size
+        if not ok:
+            raise EdgeLlamaError("the manifest's architecture (layers, kv heads, head_dim, vocab) disagrees with "
+                                 "the ONNX graph")
+
+    def set_adapter_inputs(self, feeds: dict[str, np.ndarray] | None) -> None:
+        """Bind a LoRA-slots graph's adapter inputs (None: empty, rank-0 ones); bound once, they stay for every step.
+
+        The caller resets the cache: what it holds was computed with the previous adapter."""
+        feeds = slot_feeds(self.manifest) if feeds is None else feeds
+        self._lora = {s.name: ort.OrtValue.ortvalue_from_numpy(feeds[s.name])
+                      for s in self.manifest.graph.inputs if s.name.startswith(LORA_INPUT_PREFIX)}
+        for name, value in self._lora.items():
+            self._io.bind_ortvalue_input(name, value)
+
     # -- cache --------------------------------------------------------------------------------
+    def _zeros(self, length: int) -> ort.OrtValue:
+        # Not np.zeros: its calloc'd pages become resident only as decoding first writes them, so
+        # RSS would creep up token by token. Filling touches them now: the cache's memory is taken
+        # at load, where running short is a clear failure, and stays flat while it fills.
+        buf = np.empty((1, self.kv_heads, length, self.head_dim), self._kv_dtype)
+        buf.fill(0)
+        return ort.OrtValue.ortvalue_from_numpy(buf)
+
     def reset(self) -> None:
         self.pos = 0
-        shape_len = self.context if self.share else 0
-        self._kv = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.kv_heads, shape_len, self.head_dim), self._kv_dtype))
-            for _ in range(2 * self.n_layers)
-        ]
-        if self.share:
-            for i in range(self.n_layers):  # bound once: these buffers are both past and present forever
-                for j, kind in enumerate(("key", "value")):
-                    self._io.bind_ortvalue_input(B.past_name(i, kind), self._kv[2 * i + j])
-                    self._io.bind_ortvalue_output(B.present_name(i, kind), self._kv[2 * i + j])
+        if not self.share:  # the concat cache starts empty and grows by each step's presents
+            self._kv = [self._zeros(0) for _ in range(2 * self.n_layers)]
 
     def rewind(self, n_tokens: int) -> None:
         """Forget everything after the first n_tokens of the cache."""
@@ -179,4 +216,6 @@ class OnnxEngine:
         if not self.share:
             self._kv = io.get_outputs()[: 2 * self.n_layers]
         self.pos = total
+        if out is self._step_logits:  # the step buffer is reused by the next call: hand out a copy
+            return out[0, -1].copy()
         return out[0] if all_logits else out[0, -1]

@@ -60,10 +60,26 @@ class Model:
     tokenizer: Tokenizer
     engine: object
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    adapter: str | None = None  # the name of the LoRA adapter applied, if any
 
     @property
     def context(self) -> int:
         return self.engine.context
+
+    def set_adapter(self, adapter: str | os.PathLike | None) -> None:
+        """Swap the LoRA adapter of a LoRA-slots bundle (None: the base model) without reloading it.
+
+        A different adapter is a different model, so the engine's cache is cleared."""
+        from edgellama.runtime.adapters import load_adapter
+
+        bind = getattr(self.engine, "set_adapter_inputs", None)
+        if bind is None and adapter is not None:
+            raise EdgeLlamaError("adapters need an ONNX bundle exported with --lora-slots")
+        loaded, feeds = load_adapter(adapter, self.manifest) if adapter is not None else (None, None)
+        if bind is not None:
+            bind(feeds)
+        self.engine.reset()
+        self.adapter = loaded.name if loaded else None
 
     def encode_prompt(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -85,8 +101,10 @@ class Model:
 
 
 def load(bundle_dir: str | os.PathLike, *, provider: str | None = None, threads: int | None = None,
-         max_context: int | None = None, verify: bool = True) -> Model:
-    """Open a bundle: checksums first (nothing unverified is loaded), then tokenizer and session."""
+         max_context: int | None = None, verify: bool = True, adapter: str | os.PathLike | None = None) -> Model:
+    """Open a bundle: checksums first (nothing unverified is loaded), then tokenizer and session.
+
+    adapter: a file from `edgellama adapter`, applied to a bundle exported with --lora-slots."""
     path = Path(bundle_dir)
     manifest = B.read_manifest(path, verify=verify)
     if threads is not None and threads < 1:
@@ -107,13 +125,16 @@ def load(bundle_dir: str | os.PathLike, *, provider: str | None = None, threads:
         tid = tokenizer.token_to_id(name)
         if tid is not None and tid < int(manifest.architecture["vocab_size"]):
             stops.add(tid)
-    return Model(path, manifest, tokenizer, engine, frozenset(stops))
+    model = Model(path, manifest, tokenizer, engine, frozenset(stops))
+    if adapter is not None:
+        model.set_adapter(adapter)
+    return model
 
 
 def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int]) -> Iterator[tuple[int, Stats, str | None]]:
     """The decode loop: prefill new_ids on top of the cache, then sample until a stop."""
     engine = model.engine
-    if engine.pos + len(new_ids) >= engine.context:
+    if engine.pos + len(new_ids) > engine.context:
         raise EdgeLlamaError(f"the prompt ({engine.pos + len(new_ids)} tokens) does not fit the context of "
                              f"{engine.context} tokens (raise --max-context, or shorten it)")
     sampler = Sampler(params)
@@ -130,16 +151,16 @@ def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, hist
         stats.generated_tokens = n + 1
         if n:
             stats.decode_tok_s = n / (time.perf_counter() - t_decode)
+        stats.peak_rss_mb = peak_rss_mb()
+        finish = None
         if token in model.stop_ids:
-            stats.peak_rss_mb = peak_rss_mb()
-            yield token, stats, "stop"
+            finish = "stop"
+        elif n + 1 == params.max_new_tokens or engine.pos >= engine.context:  # no room to feed it back
+            finish = "length"
+        # A snapshot per event: a consumer that keeps events must not see later numbers in earlier ones.
+        yield token, replace(stats), finish
+        if finish:
             return
-        last = n + 1 == params.max_new_tokens or engine.pos + 1 >= engine.context
-        if last:
-            stats.peak_rss_mb = peak_rss_mb()
-            yield token, stats, "length"
-            return
-        yield token, stats, None
         if n == 0:
             t_decode = time.perf_counter()  # decode speed counts steps after the first token
         logits = engine.forward([token])
@@ -162,7 +183,7 @@ def stream_ids(model: Model, prompt_ids: list[int], params: SamplingParams | Non
             if finish and not hit:
                 delta += matcher.flush()
             if hit:
-                yield GenerationEvent(delta, token, replace(stats, peak_rss_mb=peak_rss_mb()), "stop")
+                yield GenerationEvent(delta, token, stats, "stop")
                 return
         yield GenerationEvent(delta, token, stats, finish)
 
@@ -199,6 +220,12 @@ class ChatSession:
         self._cached, self._turn_marks = [], []
         self.model.engine.reset()
 
+    def set_adapter(self, adapter: str | os.PathLike | None) -> None:
+        """Switch adapters between turns. The conversation is kept but its cache was computed by the
+        old adapter's model, so the next turn prefills the whole conversation again."""
+        self.model.set_adapter(adapter)
+        self._cached = []
+
     def rewind(self, turns: int = 1) -> None:
         """Drop the last `turns` user/assistant exchanges, and their cache."""
         if turns < 1 or turns > len(self._turn_marks):
@@ -206,6 +233,7 @@ class ChatSession:
         n_msgs, n_tokens = self._turn_marks[-turns]
         del self._turn_marks[-turns:]
         self.messages = self.messages[:n_msgs]
+        n_tokens = min(n_tokens, len(self._cached))  # a later turn may have re-prefilled from further back
         self._cached = self._cached[:n_tokens]
         self.model.engine.rewind(n_tokens)
 
@@ -226,9 +254,12 @@ class ChatSession:
         if not isinstance(text, str) or not text.strip():
             raise EdgeLlamaError("the message is empty")
         params = (params or self.params).validate()
-        self._turn_marks.append((len(self.messages), len(self._cached)))
+        n_msgs = len(self.messages)
         self.messages.append({"role": "user", "content": text})
         new = self._prompt_ids()
+        # The mark is taken after _prompt_ids reconciled the cache: what it holds then is shared
+        # history, so a rewind to here keeps it.
+        self._turn_marks.append((n_msgs, len(self._cached)))
         engine = self.model.engine
         while engine.pos + len(new) + 1 >= engine.context:
             if not self.truncate or len(self._turn_marks) < 2:
@@ -246,20 +277,24 @@ class ChatSession:
                 reply.append(event.text)
                 yield event
         finally:
-            # What the cache holds now: the prompt plus every token fed back (the last one is not fed).
-            self._cached += new + generated[:-1]
-            self.messages.append({"role": "assistant", "content": "".join(reply)})
-            # The cache must match how the template renders this turn next time; _prompt_ids reconciles.
+            # However the answer ended (a stop, the consumer breaking off, Ctrl-C, an error), the
+            # engine's position says how much of prompt + answer its cache holds: the last token
+            # of an answer is never fed back, and an interrupted step may or may not have landed.
+            self._cached = (self._cached + new + generated)[:engine.pos]
+            if generated:
+                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            else:  # interrupted before the first token: the turn did not happen
+                self.messages.pop()
+                self._turn_marks.pop()
+            # The next turn's _prompt_ids reconciles the cache with how the template renders this one.
 
     def say(self, text: str, params: SamplingParams | None = None) -> str:
         return "".join(e.text for e in self.send(text, params))
 
     def _drop_oldest_turn(self) -> None:
-        system = 1 if self.messages and self.messages[0]["role"] == "system" else 0
         first, second = self._turn_marks[0][0], self._turn_marks[1][0]
         del self.messages[first:second]
         shift = second - first
         self._turn_marks = [(m - shift, 0) for m, _ in self._turn_marks[1:]]
         self._cached = []
         self.model.engine.reset()
-        assert system <= first

@@ -46,6 +46,8 @@ class SamplingParams:
             raise EdgeLlamaError(f"min_p must be in [0, 1], got {self.min_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise EdgeLlamaError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise EdgeLlamaError(f"seed must be a non-negative integer, got {self.seed}")
         if self.max_new_tokens < 1:
             raise EdgeLlamaError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):

@@ -80,8 +80,8 @@ class Tokenizer:
         if cfg_file.is_file():
             try:
                 config = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise EdgeLlamaError(f"malformed {cfg_file}: {e}") from None
+            except (ValueError, RecursionError) as e:
+                raise EdgeLlamaError(f"malformed {cfg_file}: {' '.join(str(e).split())[:200]}") from None
             if not isinstance(config, dict):
                 raise EdgeLlamaError(f"malformed {cfg_file}: expected a JSON object")
         # transformers now saves the template as its own file, which wins over the config entry.
