@@ -8,6 +8,7 @@ quantizer, which then weights its error search by it (AWQ-style, methods.quantiz
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -65,8 +66,6 @@ def activation_scales(src, text_file: Path, *, max_tokens: int = CALIB_MAX_TOKEN
         raise EdgeLlamaError(f"cannot read calibration text {text_file}: {exc}") from None
     if src.tokenizer_json is None:
         raise EdgeLlamaError("the source has no tokenizer: cannot calibrate")
-    import json
-
     tok = Tokenizer.from_json_str(json.dumps(src.tokenizer_json), src.tokenizer_config)
     ids = tok.encode(text)[:max_tokens]
     if len(ids) < 2:

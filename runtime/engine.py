@@ -107,6 +107,11 @@ class OnnxEngine:
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
         self._step_logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
         self._step_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        # A prefill's activations grow onnxruntime's CPU arena to fit the longest prompt seen, and the
+        # arena keeps that peak for good: shrinking it after multi-token runs keeps RSS flat over a
+        # long chat that re-prefills its history (decode steps, the hot path, skip it).
+        self._prefill_run = ort.RunOptions()
+        self._prefill_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._kv: list[ort.OrtValue] = []
         if self.share:
             # Allocated and bound once, for the whole context: these buffers are past and present
@@ -212,7 +217,7 @@ class OnnxEngine:
         else:
             out = self._step_logits
             io.bind_ortvalue_output(B.LOGITS, self._step_logits_ov)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._prefill_run if n > 1 else None)
         if not self.share:
             self._kv = io.get_outputs()[: 2 * self.n_layers]
         self.pos = total

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
-from edgellama.errors import EdgeLlamaError
 from edgellama.export.evaluate import KEYS, Reference, evaluate, greedy_reply, score, windows
 from edgellama.export.requantize import quantize_bundle
 from helpers import assert_one_line_error, edit_config, link_folder, run_cli
@@ -84,8 +84,7 @@ def test_float_bundle_against_its_own_reference(exported, text_file, form, capsy
     assert out["bits_per_weight"] == pytest.approx(32.0)
     assert out["size_bytes"] == sum(f.stat().st_size for f in b.dir.rglob("*") if f.is_file())
     # BOS starts each window of 48: the scored positions are every text token.
-    n_text = len(__import__("tokenizers").Tokenizer.from_file(str(b.dir / "tokenizer.json"))
-                 .encode(TEXT, add_special_tokens=False).ids)
+    n_text = len(Tokenizer.from_file(str(b.dir / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids)
     assert out["tokens"] == n_text and out["windows"] == math.ceil(n_text / 47)
     assert "eval [" in r.err  # the progress bar
 
