@@ -8,8 +8,10 @@ each step's `present` OrtValues become the next step's `past` without touching n
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +32,20 @@ PROVIDERS = {
     "openvino": "OpenVINOExecutionProvider",
     "webgpu": "WebGpuExecutionProvider",
 }
+
+
+def _heap_trimmer() -> Callable[[], object]:
+    # glibc keeps freed heap pages for reuse (and raises its mmap threshold after big frees), so
+    # what a long prefill released stays resident; malloc_trim hands it back. Elsewhere a no-op.
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+_trim_heap = _heap_trimmer()
 
 
 def physical_cores() -> int:
@@ -218,6 +234,8 @@ class OnnxEngine:
             out = self._step_logits
             io.bind_ortvalue_output(B.LOGITS, self._step_logits_ov)
         self.session.run_with_iobinding(io, self._prefill_run if n > 1 else None)
+        if n > 1:
+            _trim_heap()
         if not self.share:
             self._kv = io.get_outputs()[: 2 * self.n_layers]
         self.pos = total
