@@ -59,7 +59,7 @@ class WeightSink:
         self.nbytes = 0
 
     def tensor(self, name: str, arr: np.ndarray) -> TensorProto:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # not ascontiguousarray: it turns a 0-d scalar into shape (1,)
         if arr.dtype not in _NP_TO_ONNX:
             raise TypeError(f"unsupported initializer dtype {arr.dtype}")
         t = TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
@@ -238,10 +238,6 @@ def build_llama_graph(
         for kind in ("key", "value"):
             outputs.append(B.TensorSpec(B.present_name(i, kind), kv_dtype, ["batch_size", nkv, present_dim, hd]))
 
-    # RoPE tables, sized to the export context rather than the model's (often 128k) maximum.
-    positions = np.arange(opts.max_context, dtype=np.float64)[:, None] * rope_inv_freq(cfg)[None, :]
-    cos_half, sin_half = np.cos(positions).astype(np.float32), np.sin(positions).astype(np.float32)
-
     tied = cfg.tie_word_embeddings
     embed = get("model.embed_tokens.weight")
     x = g.emitter.embedding(g, B.INPUT_IDS, embed, tied)
@@ -255,11 +251,9 @@ def build_llama_graph(
         total = g.node("Gather", [g.node("Shape", [B.ATTENTION_MASK], name="/model/mask/Shape"), g.const(1)],
                        name="/model/mask/TotalLen", axis=0)
         total = g.node("Cast", [total], name="/model/mask/TotalLenInt32", to=TensorProto.INT32)
-        cos_cache = g.init("cos_cache", cos_half)
-        sin_cache = g.init("sin_cache", sin_half)
+        cos_cache, sin_cache = _rope_tables(g, cfg, opts.max_context, full=False)
     else:
-        cos_full = g.init("cos_cache", np.concatenate([cos_half, cos_half], axis=1))
-        sin_full = g.init("sin_cache", np.concatenate([sin_half, sin_half], axis=1))
+        cos_full, sin_full = _rope_tables(g, cfg, opts.max_context, full=True)
         cos = g.node("Unsqueeze", [g.node("Gather", [cos_full, B.POSITION_IDS], name="/model/rope/GatherCos"),
                                    g.const([1])], name="/model/rope/UnsqueezeCos")  # [b, 1, s, hd]
         sin = g.node("Unsqueeze", [g.node("Gather", [sin_full, B.POSITION_IDS], name="/model/rope/GatherSin"),
@@ -349,6 +343,24 @@ def _causal_mask(g: GraphBuilder) -> str:
     keep = g.node("Unsqueeze", [keep, g.const([1, 2, 3])], name="/model/mask/KeepExpand")  # [b,1,1,1,total]
     allowed = g.node("And", [causal, keep], name="/model/mask/Allowed")
     return g.node("Where", [allowed, g.const(0.0, np.float32), g.const(_NEG, np.float32)], name="/model/mask/Additive")
+
+
+def _rope_tables(g: GraphBuilder, cfg: LlamaConfig, max_context: int, full: bool) -> tuple[str, str]:
+    """cos/sin [max_context, head_dim/2] (or [.., head_dim] when full) as constant subgraphs.
+
+    Stored as the inverse frequencies plus Range -> Mul -> Cos/Sin, which onnxruntime folds into
+    tables once, at session load: the file does not carry a [context, head_dim] table per
+    function (33 MB at Llama 3.2's 131,072 positions). The angles are computed in fp32, as
+    transformers computes them.
+    """
+    inv = g.init("rope_inv_freq", rope_inv_freq(cfg).astype(np.float32)[None, :])
+    pos = g.node("Range", [g.const(0.0, np.float32), g.const(float(max_context), np.float32), g.const(1.0, np.float32)],
+                 name="/model/rope/Positions")
+    angles = g.node("Mul", [g.node("Unsqueeze", [pos, g.const([1])], name="/model/rope/PositionsColumn"), inv],
+                    name="/model/rope/Angles")
+    if full:
+        angles = g.node("Concat", [angles, angles], name="/model/rope/AnglesFull", axis=1)
+    return (g.node("Cos", [angles], name="/model/rope/CosTable"), g.node("Sin", [angles], name="/model/rope/SinTable"))
 
 
 def _standard_attention(g: GraphBuilder, n: str, q, k, v, cos, sin, mask, past_k, past_v, pres_k, pres_v) -> str:
