@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=None, help="quantization method (see `edgellama quantize --help`)")
     p.add_argument("--embeddings", choices=["keep", "int8", "int4"], default=None)
     p.add_argument("--lm-head", choices=["keep", "int8", "int4"], default=None)
+    add_calibration_flags(p)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads written into the bundle (0: cores at load)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against the torch model")
     p.add_argument("--ort-format", action="store_true",
@@ -53,18 +54,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_quality(sub)
 
 
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="text to calibrate on (default: seeded random tokens); needed by --method gptq")
+    p.add_argument("--no-smooth", action="store_true",
+                   help="skip the per-channel input scaling searched on calibration inputs")
+
+
 def quant_options(args: argparse.Namespace) -> dict | None:
     if not args.quant:
-        for flag in ("block_size", "method", "embeddings", "lm_head"):
+        for flag in ("block_size", "method", "embeddings", "lm_head", "calib"):
             if getattr(args, flag, None) is not None:
                 from edgellama.errors import EdgeLlamaError
 
                 raise EdgeLlamaError(f"--{flag.replace('_', '-')} needs --quant")
         return None
     q = {"bits": 4 if args.quant == "int4" else 8}
-    for key in ("block_size", "method", "embeddings", "lm_head"):
+    for key in ("block_size", "method", "embeddings", "lm_head", "calib"):
         if getattr(args, key, None) is not None:
             q[key] = getattr(args, key)
+    if getattr(args, "no_smooth", False):
+        q["smooth"] = False
     return q
 
 
@@ -152,16 +162,14 @@ def register_quality(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="a float (fp32/fp16) ONNX bundle")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
     p.add_argument("--bits", type=int, choices=[4, 8], required=True)
-    p.add_argument("--block-size", type=int, default=None, help="weights per scale (power of two >= 16; default 32 for "
-                                                               "int4, 128 for int8)")
-    p.add_argument("--method", default=None, help="rtn | mse | hqq | mixed (hqq, with the most sensitive projections "
-                                                  "at int8; the int4 default)")
+    p.add_argument("--block-size", type=int, default=None, help="weights per scale (power of two >= 16; default 32)")
+    p.add_argument("--method", default=None, help="rtn | mse | hqq | gptq (needs --calib) | mixed (hqq, with the most "
+                                                  "sensitive projections at int8; the int4 default)")
     p.add_argument("--embeddings", choices=["keep", "int8", "int4"], default=None)
     p.add_argument("--lm-head", choices=["keep", "int8", "int4"], default=None)
     p.add_argument("--accuracy-level", type=int, choices=[1, 4], default=None,
                    help="MatMulNBits compute: 4 = int8 activations (default, faster), 1 = fp32 activations")
-    p.add_argument("--calib", default=None, metavar="FILE",
-                   help="text to calibrate on: weights each weight's error by its input channel's mean |activation|")
+    add_calibration_flags(p)
     p.add_argument("--no-verify", action="store_true", help="skip the check against the torch model")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_quantize)
@@ -181,10 +189,11 @@ def _quantize(args: argparse.Namespace) -> int:
 
     args.quant = f"int{args.bits}"
     quant = quant_options(args)
+    calib = quant.pop("calib", None)
     if args.accuracy_level is not None:
         quant["accuracy_level"] = args.accuracy_level
     report = quantize_bundle(args.bundle, args.output, quant, force=args.force, verify=not args.no_verify,
-                             calib=args.calib)
+                             calib=calib)
     print(f"wrote {report.out} ({report.size_bytes / 1e6:.1f} MB) in {report.seconds:.1f} s", file=sys.stderr)
     return 0
 

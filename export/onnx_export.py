@@ -101,7 +101,9 @@ def write_genai_config(out: Path, cfg: LlamaConfig, manifest: B.Manifest) -> Non
 
 
 def write_tokenizer_files(out: Path, tok: PreparedTokenizer) -> None:
-    (out / "tokenizer.json").write_text(json.dumps(tok.tokenizer_json, ensure_ascii=False), encoding="utf-8")
+    # Compact separators: the vocabulary and merges are most of a bundle's non-weight bytes.
+    (out / "tokenizer.json").write_text(json.dumps(tok.tokenizer_json, ensure_ascii=False, separators=(",", ":")),
+                                        encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(tok.tokenizer_config, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     (out / B.GENERATION_CONFIG).write_text(json.dumps(tok.generation_config, indent=2) + "\n")
@@ -158,7 +160,19 @@ def export_onnx(
     if opts.quant:
         from edgellama.quantize.onnx_weights import make_emitter  # export -> quantize, never the reverse
 
-        emitter, quant_info = make_emitter(cfg, opts.quant, form=opts.form, fallback=FloatWeights())
+        quant = dict(opts.quant)
+        calib = quant.pop("calib", None)
+        emitter, quant_info = make_emitter(cfg, quant, form=opts.form, fallback=FloatWeights())
+        _calibrate(src, emitter, quant_info, calib, log)  # after make_emitter has vetted the options
+        if emitter.opts.mixed:
+            from edgellama.export.calibration import rank_int8_layers
+
+            rank_int8_layers(src, emitter)
+        if emitter.opts.smooth and emitter.act_scales and not slot_targets:
+            # Not under LoRA slots: a runtime adapter's A matrices would meet the rescaled inputs.
+            from edgellama.export.calibration import smooth_source
+
+            src, quant_info["smoothing"] = smooth_source(src, emitter, log)
     # Before anything is built: a bundle meant for a device it would not fit fails here.
     devices = devices_hint(cfg.to_hf(), opts.dtype, asdict(emitter.opts) if emitter else None, ctx, opts.device)
 
@@ -212,6 +226,26 @@ def export_onnx(
         size = sum((tmp / f).stat().st_size for f in manifest.files) + (tmp / B.MANIFEST).stat().st_size
     return ExportReport(out=str(out), seconds=time.perf_counter() - t0, size_bytes=size,
                         verification=verification, warnings=warnings)
+
+
+def _calibrate(src, emitter, quant_info: dict[str, Any], calib, log: Callable[[str], None]) -> None:
+    """Hand the emitter calibration statistics when its options or `calib` want them.
+
+    GPTQ needs a text (and keeps the inputs themselves); smoothing needs only per-channel
+    magnitudes and calibrates on seeded random tokens unless given a text.
+    """
+    from edgellama.export.calibration import calibrate
+
+    o = emitter.opts
+    if emitter.act_scales:  # statistics handed in directly
+        return
+    if calib is None and o.gptq:
+        raise EdgeLlamaError("--method gptq needs a calibration text (--calib FILE): random tokens mislead it")
+    if calib is None and not o.smooth:
+        return
+    c = calibrate(src, calib, keep_inputs=o.gptq, log=log)
+    emitter.act_scales, emitter.act_inputs = dict(c.act_scales), dict(c.act_inputs)
+    quant_info["calibration"] = c.source
 
 
 def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[str, Any] | None, context: int,

@@ -20,6 +20,7 @@ from edgellama.errors import EdgeLlamaError
 from edgellama.quantize.numerics import (
     QuantizedTensor,
     block_range,
+    minmax_params,
     check_weight,
     dequantize_blocks,
     quantize_rtn,
@@ -56,8 +57,16 @@ def quantize(
     method: str = "rtn",
     symmetric: bool | None = None,
     act_scale: np.ndarray | None = None,
+    scale_dtype: str = "float32",
+    hessian: np.ndarray | None = None,
 ) -> QuantizedTensor:
     """Quantize a [N, K] weight with ``method`` in {"rtn", "mse", "hqq"}.
+
+    ``hessian`` (X^T X [K, K] of calibration inputs): GPTQ, with ``method`` fitting each
+    block's scale and zero point as the sweep reaches it (gptq.py).
+
+    ``scale_dtype="float16"``: the scales will be stored in half precision; codes are
+    chosen against the rounded scales.
 
     ``symmetric=None`` picks symmetric for 8 bits (per-channel int8 loses nothing by it) and
     asymmetric for 4 bits (a zero point is worth a lot with 16 levels).
@@ -68,14 +77,24 @@ def quantize(
         symmetric = bits == 8
     w = check_weight(w, bits, block_size)
     sw = error_weights(act_scale, w.shape[1], block_size)
+    if hessian is not None:
+        from edgellama.quantize.gptq import gptq_quantize
+
+        if method == "rtn":
+            params = lambda wb, _sw: minmax_params(wb, bits, symmetric)  # noqa: E731
+        elif method == "mse":
+            params = lambda wb, sw: mse_clip_params(wb, sw, bits, symmetric)  # noqa: E731
+        else:
+            params = lambda wb, sw: hqq_params(wb, sw, bits, symmetric)  # noqa: E731
+        return gptq_quantize(w, hessian, bits, block_size, symmetric, params, sw, scale_dtype)
     if method == "rtn":
         # Round-to-nearest ignores act_scale: there is no search for it to weight.
-        return quantize_rtn(w, bits, block_size, symmetric)
+        return quantize_rtn(w, bits, block_size, symmetric, scale_dtype)
     if method == "mse":
         params = lambda wb, sw: mse_clip_params(wb, sw, bits, symmetric)  # noqa: E731
     else:
         params = lambda wb, sw: hqq_params(wb, sw, bits, symmetric)  # noqa: E731
-    return quantize_with(w, bits, block_size, symmetric, params, sw)
+    return quantize_with(w, bits, block_size, symmetric, params, sw, scale_dtype)
 
 
 def sensitivity(w: np.ndarray, qt: QuantizedTensor) -> float:

@@ -165,21 +165,39 @@ def encode(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.n
     return q.astype(np.uint8).reshape(rows, -1)
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedTensor:
+def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                 scale_dtype: str = "float32") -> QuantizedTensor:
     """Round-to-nearest block quantization with min/max (or absmax) scales."""
-    return quantize_with(w, bits, block_size, symmetric, lambda wb, _: minmax_params(wb, bits, symmetric))
+    return quantize_with(w, bits, block_size, symmetric, lambda wb, _: minmax_params(wb, bits, symmetric),
+                         scale_dtype=scale_dtype)
 
 
 ParamsFn = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
 
 
+def storable_scales(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """``scale`` rounded to what the file will hold (float32 values either way).
+
+    Codes are encoded against the rounded scales, so a float16-stored tensor dequantizes to
+    exactly what was searched for, not to a slightly rescaled copy of it.
+    """
+    if scale_dtype == "float32":
+        return scale
+    if scale_dtype != "float16":
+        raise EdgeLlamaError(f"scale dtype must be float32 or float16, got {scale_dtype!r}")
+    f16 = np.finfo(np.float16).max
+    return np.clip(scale, -f16, f16).astype(np.float16).astype(np.float32)
+
+
 def quantize_with(
-    w: np.ndarray, bits: int, block_size: int, symmetric: bool, params: ParamsFn, weights: np.ndarray | None = None
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, params: ParamsFn, weights: np.ndarray | None = None,
+    scale_dtype: str = "float32",
 ) -> QuantizedTensor:
     """Quantize ``w`` chunk by chunk, with ``params(wb, weights) -> (scale, zp)`` per block.
 
     ``weights`` is None or the float32 [n_blocks, block_size] square roots of per-input-
-    channel error weights (zero over the padding), handed on to ``params``.
+    channel error weights (zero over the padding), handed on to ``params``. ``scale_dtype``
+    "float16" rounds the scales to half precision before the codes are chosen.
     """
     w = check_weight(w, bits, block_size)
     n, k = w.shape
@@ -190,6 +208,7 @@ def quantize_with(
     for rows in row_chunks(n, n_blocks * block_size):
         wb = blocked(w[rows], block_size)
         scale, zp = params(wb, weights)
+        scale = storable_scales(scale, scale_dtype)
         scales[rows] = scale
         zps[rows] = zp
         codes[rows] = encode(wb, scale, zp, bits)

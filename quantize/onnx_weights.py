@@ -31,18 +31,28 @@ from edgellama.quantize.packing import (dequantize_linear, gather_block_quantize
 DEFAULT_ACCURACY_LEVEL = 4
 MS_DOMAIN = "com.microsoft"
 PRECISIONS = ("keep", "int8", "int4")
+METHOD_NAMES = METHODS + ("gptq", "mixed")
 
 
 @dataclass
 class QuantOptions:
     bits: int = 4
     block_size: int = 32
-    method: str = "hqq"  # rtn | mse | hqq (+ "mixed" policy below)
+    # The embedding table's own block size (None: block_size). A Gather reads no activations, so
+    # only a tied lm_head's int8 activation blocks care; docs/quantization.md has the trade.
+    embedding_block_size: int | None = None
+    method: str = "hqq"  # rtn | mse | hqq: how each block's scale and zero point are fitted
     mixed: bool = True  # keep the most sensitive projections at 8 bits, as Q4_K_M does
+    gptq: bool = False  # GPTQ error compensation over calibration inputs (needs text: --calib)
+    smooth: bool = True  # per-channel input scaling searched on calibration inputs (quantize/smoothing.py)
     symmetric: bool | None = None  # None: asymmetric int4, symmetric int8
     embeddings: str = "int8"  # keep | int8 | int4
     lm_head: str = "int8"
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    # Stored scale precision. MatMulNBits wants scales in the activations' dtype, so float16
+    # scales reach it through a Cast that onnxruntime folds at session load: half a bit per
+    # weight less on disk at block 32 (int4 5.125 -> 4.625), nothing at run time.
+    scale_dtype: str = "float16"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantOptions":
@@ -51,31 +61,45 @@ class QuantOptions:
         if bits not in (4, 8):
             raise EdgeLlamaError(f"--bits must be 4 or 8, got {bits}")
         method = d.pop("method", None) or ("mixed" if bits == 4 else "rtn")
-        mixed = method == "mixed"
-        if mixed:
+        mixed, gptq = method == "mixed", method == "gptq"
+        if mixed or gptq:
             method = "hqq"
         if method not in METHODS:
-            raise EdgeLlamaError(f"unknown quantization method {method!r}: expected one of {METHODS + ('mixed',)}")
+            raise EdgeLlamaError(f"unknown quantization method {method!r}: expected one of {METHOD_NAMES}")
         default_head = "int8"
-        opts = cls(bits=bits, method=method, mixed=mixed and bits == 4,
+        opts = cls(bits=bits, method=method, mixed=mixed and bits == 4, gptq=gptq, smooth=bool(d.pop("smooth", True)),
                    # 32 for int8 too: accuracy_level 4 quantizes activations per weight block, and on
                    # de-gridded SmolLM2 int8 KLD went 0.018 (128) -> 0.0098 (64) -> 0.0057 (32);
                    # 128 also pads K = 576 rows to 640. docs/quantization.md has the table.
-                   block_size=d.pop("block_size", None) or 32,
+                   block_size=d.pop("block_size", None) or (MIXED_BLOCK if mixed and bits == 4 else 32),
+                   embedding_block_size=d.pop("embedding_block_size", None),
                    embeddings=d.pop("embeddings", None) or ("int8" if bits == 8 else default_head),
                    lm_head=d.pop("lm_head", None) or ("int8" if bits == 8 else default_head),
                    symmetric=d.pop("symmetric", None),
-                   accuracy_level=d.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL))
+                   accuracy_level=d.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL),
+                   scale_dtype=d.pop("scale_dtype", None) or "float16")
         if d:
             raise EdgeLlamaError(f"unknown quantization option(s): {', '.join(sorted(d))}")
-        if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
-            raise EdgeLlamaError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
+        for bs in (opts.block_size, opts.embedding_block_size or 16):
+            if bs < 16 or bs & (bs - 1):
+                raise EdgeLlamaError(f"--block-size must be a power of two >= 16, got {bs}")
         for name in ("embeddings", "lm_head"):
             if getattr(opts, name) not in PRECISIONS:
                 raise EdgeLlamaError(f"--{name.replace('_', '-')} must be one of {PRECISIONS}")
+        if opts.scale_dtype not in ("float16", "float32"):
+            raise EdgeLlamaError(f"scale_dtype must be float16 or float32, got {opts.scale_dtype!r}")
         if opts.accuracy_level not in (0, 1, 2, 3, 4):
             raise EdgeLlamaError(f"accuracy_level must be 0..4, got {opts.accuracy_level}")
         return opts
+
+
+# The mixed policy (the int4 default), measured on de-gridded SmolLM2 against llama.cpp's Q4_K_M
+# (docs/quantization.md): int4 in blocks of 16, and int8 (blocks of INT8_BLOCK) for v_proj, the
+# embedding/lm_head and down_proj in this share of the layers, those with the heaviest-tailed
+# weights (rank_layers). Without a ranking, llama.cpp's layer-index heuristic below decides.
+MIXED_BLOCK = 16
+INT8_BLOCK = 32
+INT8_SHARE = {"down_proj": 0.2}
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
@@ -84,11 +108,16 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 
 
 class QuantizedWeights:
-    def __init__(self, cfg, opts: QuantOptions, form: str, fallback, act_scales: dict[str, np.ndarray] | None = None):
+    def __init__(self, cfg, opts: QuantOptions, form: str, fallback, act_scales: dict[str, np.ndarray] | None = None,
+                 act_inputs: dict[str, np.ndarray] | None = None):
         """cfg: the model's LlamaConfig; fallback: the float emitter, for tensors kept float;
-        act_scales: per-input-channel activation magnitudes by HF module name (calibration), or None."""
+        act_scales: per-input-channel activation magnitudes by HF module name (calibration), or None;
+        act_inputs: calibration inputs [rows, K] by HF module name, for GPTQ, or None."""
         self.cfg, self.opts, self.form, self.fallback = cfg, opts, form, fallback
         self.act_scales = act_scales or {}
+        self.act_inputs = act_inputs or {}
+        self._hessians: dict[int, np.ndarray] = {}
+        self.int8_layers: dict[str, set[int]] = {}  # leaf -> layers, set by rank_layers; else use_more_bits
         self.fast = form == "fast"
         self.tensor_bits: dict[str, int] = {}
         self._tied_table: dict[str, str] | None = None
@@ -103,20 +132,58 @@ class QuantizedWeights:
         if len(parts) > 3 and parts[1] == "layers":
             if parts[-1] == "v_proj":  # the most sensitive weight per byte, and small under GQA: always int8
                 return 8
-            if parts[-1] == "down_proj":
-                return 8 if use_more_bits(int(parts[2]), self.cfg.num_hidden_layers) else 4
+            layer, leaf = int(parts[2]), parts[-1]
+            if leaf in self.int8_layers:
+                return 8 if layer in self.int8_layers[leaf] else 4
+            if leaf == "down_proj":
+                return 8 if use_more_bits(layer, self.cfg.num_hidden_layers) else 4
         return 4
 
-    def _quantize(self, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None) -> QuantizedTensor:
+    def rank_layers(self, leaf: str, scores: dict[int, float]) -> None:
+        """Keep `leaf` at int8 in the INT8_SHARE of layers with the highest scores (worst at int4)."""
+        n = round(INT8_SHARE.get(leaf, 0.0) * len(scores))
+        self.int8_layers[leaf] = set(sorted(scores, key=lambda i: (-scores[i], i))[:n])
+
+    def _hessian(self, name: str | None) -> np.ndarray | None:
+        """H = X^T X of the named linear's calibration inputs (shared by the linears that read them)."""
+        x = self.act_inputs.get(name) if (name and self.opts.gptq) else None
+        if x is None:
+            return None
+        if id(x) not in self._hessians:
+            self._hessians = {id(x): x.T.astype(np.float64) @ x.astype(np.float64)}  # one at a time: K^2 each
+        return self._hessians[id(x)]
+
+    def block_for(self, name: str, bits: int) -> int:
+        """Block size of one tensor: an int4 bundle's int8 tensors keep blocks of at least INT8_BLOCK,
+        which cost half as much per weight at 8 bits and serve the int8 activation blocks well."""
+        if self.opts.bits == 4 and bits == 8:
+            return max(self.opts.block_size, INT8_BLOCK)
+        return self.opts.block_size
+
+    @property
+    def embedding_block(self) -> int:
+        bits = 8 if self.opts.embeddings == "int8" else 4
+        return self.opts.embedding_block_size or self.block_for("model.embed_tokens", bits)
+
+    def _quantize(self, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None,
+                  name: str | None = None, block_size: int | None = None) -> QuantizedTensor:
         sym = self.opts.symmetric if self.opts.symmetric is not None else (bits == 8)
-        return quantize(w, bits, self.opts.block_size, self.opts.method, symmetric=sym, act_scale=act_scale)
+        return quantize(w, bits, block_size or self.opts.block_size, self.opts.method, symmetric=sym, act_scale=act_scale,
+                        scale_dtype=self.opts.scale_dtype, hessian=self._hessian(name))
 
     # -- node emission ------------------------------------------------------------------------
+    def _scales(self, g, name: str, scales: np.ndarray) -> str:
+        """The scales as a float32 graph value, stored in opts.scale_dtype (a folded Cast if float16)."""
+        if self.opts.scale_dtype == "float32":
+            return g.init(f"{name}.scales", scales.astype(np.float32))
+        stored = g.init(f"{name}.scales", scales.astype(np.float16))
+        return g.node("Cast", [stored], name=f"{name}/ScalesToFloat", to=TensorProto.FLOAT)
+
     def _matmul_nbits(self, g, x: str, name: str, qt: QuantizedTensor, b_name: str | None = None) -> str:
         mw = matmul_nbits(qt)
         if b_name is None:
             b_name = g.init(f"{name}.qweight", mw.B)
-        inputs = [x, b_name, g.init(f"{name}.scales", mw.scales.astype(np.float32))]
+        inputs = [x, b_name, self._scales(g, name, mw.scales)]
         if mw.zero_points is not None:
             inputs.append(g.init(f"{name}.qzeros", mw.zero_points))
         return g.node("MatMulNBits", inputs, name=f"{name}/MatMulNBits", domain=MS_DOMAIN,
@@ -135,8 +202,9 @@ class QuantizedWeights:
         return g.node("DequantizeLinear", inputs, name=f"{name}/DequantizeLinear", axis=dq.axis,
                       block_size=dq.block_size)
 
-    def _linear_q(self, g, x: str, name: str, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None) -> str:
-        qt = self._quantize(w, bits, act_scale)
+    def _linear_q(self, g, x: str, name: str, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None,
+                  input_of: str | None = None) -> str:
+        qt = self._quantize(w, bits, act_scale, input_of, self.block_for(name, bits))
         self.tensor_bits[name] = bits
         if self.fast:
             return self._matmul_nbits(g, x, name, qt)
@@ -157,11 +225,11 @@ class QuantizedWeights:
                 groups.append((bits, row, row + rows, [part_name]))
             row += rows
         if len(groups) == 1:
-            return self._linear_q(g, x, name, w, groups[0][0], act)
+            return self._linear_q(g, x, name, w, groups[0][0], act, parts[0][0])
         outs = []
         for bits, start, stop, names in groups:
             sub = name if len(names) == len(parts) else f"{name}.{'_'.join(n.rsplit('.', 1)[-1] for n in names)}"
-            outs.append(self._linear_q(g, x, sub, w[start:stop], bits, act))
+            outs.append(self._linear_q(g, x, sub, w[start:stop], bits, act, parts[0][0]))
         return g.node("Concat", outs, name=f"{name}/ConcatParts", axis=-1)
 
     def embedding(self, g, ids: str, w: np.ndarray, tied: bool) -> str:
@@ -169,7 +237,7 @@ class QuantizedWeights:
         if o.embeddings == "keep":
             return self.fallback.embedding(g, ids, w, tied)
         bits = 8 if o.embeddings == "int8" else 4
-        qt = self._quantize(w, bits)
+        qt = self._quantize(w, bits, block_size=self.embedding_block)
         self.tensor_bits["model.embed_tokens"] = bits
         H = self.cfg.hidden_size
         name = "model.embed_tokens"
@@ -183,7 +251,7 @@ class QuantizedWeights:
             # One packed table for both nodes: GatherBlockQuantized reads MatMulNBits's 3-D B directly.
             mw = matmul_nbits(qt)
             b = g.init(f"{name}.qweight", mw.B)
-            scales = g.init(f"{name}.scales", mw.scales.astype(np.float32))
+            scales = self._scales(g, name, mw.scales)
             gw = gather_block_quantized(qt, tied=True)
             scales3 = g.node("Unsqueeze", [scales, g.const([2])], name="/model/embed_tokens/ScalesForGather")
             inputs = [b, ids, scales3]
@@ -199,7 +267,7 @@ class QuantizedWeights:
                 flat = g.node("Slice", [flat, g.const([0]), g.const([H]), g.const([2])], name="/model/embed_tokens/Trim")
             return flat
         gw = gather_block_quantized(qt, tied=False)
-        inputs = [g.init(f"{name}.qweight", gw.data), ids, g.init(f"{name}.scales", gw.scales.astype(np.float32))]
+        inputs = [g.init(f"{name}.qweight", gw.data), ids, self._scales(g, name, gw.scales)]
         if gw.zero_points is not None:
             inputs.append(g.init(f"{name}.qzeros", gw.zero_points))
         return g.node("GatherBlockQuantized", inputs, name="/model/embed_tokens/GatherBlockQuantized",
@@ -218,13 +286,12 @@ class QuantizedWeights:
             if not self.fast:
                 return self._gemm(g, x, t["float"])
             bits = self.tensor_bits["lm_head"]
-            nb = -(-self.cfg.hidden_size // o.block_size)
-            attrs = {"K": self.cfg.hidden_size, "N": self.cfg.vocab_size, "bits": bits, "block_size": o.block_size}
+            attrs = {"K": self.cfg.hidden_size, "N": self.cfg.vocab_size, "bits": bits, "block_size": self.embedding_block}
             inputs = [x, t["qweight"], t["scales"]] + ([t["qzeros"]] if t["qzeros"] else [])
             return g.node("MatMulNBits", inputs, name="lm_head/MatMulNBits", domain=MS_DOMAIN,
                           accuracy_level=o.accuracy_level, **attrs)
         bits = 8 if o.lm_head == "int8" else 4
-        qt = self._quantize(w, bits, self.act_scales.get("lm_head"))
+        qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits))
         self.tensor_bits["lm_head"] = bits
         if self.fast:
             return self._matmul_nbits(g, x, "lm_head", qt)
@@ -243,11 +310,13 @@ class QuantizedWeights:
         for bits in self.tensor_bits.values():
             counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
         info = {k: v for k, v in asdict(self.opts).items()}
-        info["method"] = "mixed" if self.opts.mixed else self.opts.method
+        info["method"] = "mixed" if self.opts.mixed else ("gptq" if self.opts.gptq else self.opts.method)
         info["tensors_by_precision"] = counts
         info["int8_tensors"] = sorted(n for n, b in self.tensor_bits.items() if b == 8 and self.opts.bits == 4)
         info["activation"] = "int8" if self.opts.accuracy_level == 4 else "fp32"
         info["calibrated"] = bool(self.act_scales)
+        if self.opts.bits == 4 and "int8" in counts:
+            info["int8_block_size"] = self.block_for("", 8)
         return info
 
 
@@ -255,15 +324,23 @@ def make_emitter(cfg, quant: dict[str, Any], *, form: str, fallback) -> tuple[Qu
     """The emitter, plus the manifest's `quantization` record (completed by summary() after the build)."""
     quant = dict(quant)
     act_scales = quant.pop("act_scales", None)  # arrays from calibration: used, not recorded
+    act_inputs = quant.pop("act_inputs", None)
+    calibration = quant.pop("calibration", None)  # where the arrays came from: recorded
     opts = QuantOptions.from_dict(quant)
+    if form == "portable":
+        # DequantizeLinear's output takes its scale's dtype: float16 scales would need a Cast of
+        # every dequantized weight, which also stops onnxruntime fusing the pair into MatMulNBits.
+        opts.scale_dtype = "float32"
     if cfg.tie_word_embeddings and (opts.embeddings == "keep") != (opts.lm_head == "keep"):
         raise EdgeLlamaError("this model ties its embedding and lm_head: --embeddings and --lm-head must both "
                              "be 'keep' or both be quantized")
     if cfg.tie_word_embeddings and opts.embeddings != opts.lm_head:
         raise EdgeLlamaError("this model ties its embedding and lm_head: they are quantized once, so "
                              "--embeddings and --lm-head must agree")
-    em = QuantizedWeights(cfg, opts, form, fallback, act_scales)
+    em = QuantizedWeights(cfg, opts, form, fallback, act_scales, act_inputs)
     info: dict[str, Any] = {}
+    if calibration:
+        info["calibration"] = calibration
     if form == "portable":
         # onnxruntime would otherwise fuse DequantizeLinear+MatMul with int8 activations silently.
         info["session_config"] = {"session.qdq_matmulnbits_accuracy_level": str(opts.accuracy_level)}

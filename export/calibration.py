@@ -1,0 +1,216 @@
+"""Calibration statistics for the quantizer: what each linear layer's inputs look like.
+
+The torch reference runs over some tokens; hooks record, for every linear's input,
+  - the mean |x| per input channel (``act_scales``: weights the scale searches' error), and
+  - the inputs themselves, a capped number of rows (``act_inputs``: GPTQ's H = X^T X).
+
+Tokens come from a text file (``--calib``) or, by default, from a seeded uniform draw over the
+vocabulary. Measured on de-gridded SmolLM2 (docs/quantization.md), random tokens calibrate
+almost as well as English prose: the statistics that matter here are which input channels are
+large, and those belong to the weights (norm gains, outlier channels), not to the text. Random
+tokens keep the default data-free and deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgellama.errors import EdgeLlamaError
+
+CALIB_MAX_TOKENS = 2048  # enough for stable per-channel means; more only costs time
+RANDOM_TOKENS = 512  # the default, data-free calibration
+INPUT_ROWS = 2048  # rows of X kept per linear input for GPTQ: 512 gave it half the gain (float32: 1.9 GB for Llama 3.2 1B)
+WINDOW = 512
+SEED = 0
+
+
+@dataclass
+class Calibration:
+    source: str  # "random:<n>" or the text file's name
+    tokens: int
+    act_scales: dict[str, np.ndarray] = field(default_factory=dict)  # HF module name -> [K]
+    act_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # HF module name -> [rows, K]; shared arrays
+
+
+def text_ids(src, text_file: Path, max_tokens: int = CALIB_MAX_TOKENS) -> list[int]:
+    from edgellama.runtime.tokenizer import Tokenizer
+
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeLlamaError(f"cannot read calibration text {text_file}: {exc}") from None
+    if src.tokenizer_json is None:
+        raise EdgeLlamaError("the source has no tokenizer: cannot calibrate on text")
+    tok = Tokenizer.from_json_str(json.dumps(src.tokenizer_json), src.tokenizer_config)
+    ids = tok.encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise EdgeLlamaError(f"calibration text {text_file} has fewer than 2 tokens")
+    return ids
+
+
+def random_ids(vocab_size: int, n: int = RANDOM_TOKENS, seed: int = SEED) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab_size, size=n).tolist()
+
+
+def _group(name: str) -> str:
+    """Linears that read the same tensor share one record: q/k/v, and gate/up."""
+    head, _, leaf = name.rpartition(".")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return f"{head}.qkv"
+    if leaf in ("gate_proj", "up_proj"):
+        return f"{head}.gate_up"
+    return name
+
+
+def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
+              log: Callable[[str], None] = lambda m: None) -> Calibration:
+    """Run the torch reference over the calibration tokens, one layer at a time, and collect
+    per-linear input statistics. Peak memory is one layer plus the activations, not the model."""
+    import torch
+
+    from edgellama.export.model import Block, Llama, RMSNorm
+
+    cfg = src.config
+    if text_file is not None:
+        ids, source = text_ids(src, Path(text_file)), Path(text_file).name
+    else:
+        ids, source = random_ids(cfg.vocab_size), f"random:{RANDOM_TOKENS}"
+    if cfg.bos_token_id is not None:
+        ids = [cfg.bos_token_id] + ids
+    window = min(WINDOW, cfg.max_position_embeddings)
+    if len(ids) > window:
+        ids = ids[: len(ids) // window * window]  # whole windows only: one batch, one mask
+    s = min(window, len(ids))
+    batch = torch.tensor(ids).reshape(-1, s)
+    get = lambda name: torch.from_numpy(src.tensors.get(name))  # noqa: E731
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        key = _group(name)
+        names[name] = key
+        if key in sums:
+            return  # another member of the group already recorded this same input
+        x = x.detach().reshape(-1, x.shape[-1])
+        sums[key] = x.abs().double().sum(0)
+        if keep_inputs:
+            rows[key] = x[:INPUT_ROWS].float().numpy().copy()
+
+    with torch.device("meta"):
+        shell = Llama(cfg)  # only for its rope frequencies, never materialised
+    with torch.inference_mode():
+        x = torch.nn.functional.embedding(batch, get("model.embed_tokens.weight"))
+        inv = torch.tensor(shell.inv_freq_values(), dtype=torch.float32)
+        freqs = torch.arange(s)[None, None, :, None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
+        for i in range(cfg.num_hidden_layers):
+            with torch.device("meta"):
+                block = Block(cfg)
+            prefix = f"model.layers.{i}."
+            block.load_state_dict({k: get(prefix + k) for k, _ in block.named_parameters()}, assign=True)
+            hooks = [m.register_forward_pre_hook(lambda mod, inp, n=prefix + name: record(n, inp[0]))
+                     for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+            x, _ = block(x, cos, sin, mask, None)
+            for h in hooks:
+                h.remove()
+            del block
+        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm.weight = torch.nn.Parameter(get("model.norm.weight"))
+        record("lm_head", norm(x))
+    n = batch.numel()
+    log(f"calibration: {n} tokens ({source})")
+    scales = {key: (v / n).float().numpy() for key, v in sums.items()}
+    return Calibration(source=source, tokens=n,
+                       act_scales={name: scales[key] for name, key in names.items()},
+                       act_inputs={name: rows[key] for name, key in names.items() if key in rows})
+
+
+class ScaledTensors:
+    """A TensorStore whose tensors are rescaled on the way out: columns multiplied, rows or gains divided."""
+
+    def __init__(self, base, cols: dict[str, np.ndarray], rows: dict[str, np.ndarray], gains: dict[str, np.ndarray]):
+        self.base, self.cols, self.rows, self.gains = base, cols, rows, gains
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        t = self.base.get(name)
+        if name in self.cols:
+            t = t * self.cols[name][None, :]
+        if name in self.rows:
+            t = t / self.rows[name][:, None]
+        if name in self.gains:
+            t = t / self.gains[name]
+        return np.ascontiguousarray(t, np.float32)
+
+
+def rank_int8_layers(src, emitter) -> None:
+    """Tell the mixed policy which layers' projections lose most at int4: the heaviest-tailed ones.
+
+    Weight kurtosis, not calibration error: on de-gridded SmolLM2 the layers whose int4 down
+    projection costs most KLD (0-2, 9-11, 27-29) are those with the heaviest tails, while the
+    relative output error on calibration tokens ranked them last (docs/quantization.md).
+    """
+    for leaf, module in (("down_proj", "mlp"),):
+        scores = {}
+        for i in range(src.config.num_hidden_layers):
+            w = src.tensors.get(f"model.layers.{i}.{module}.{leaf}.weight").astype(np.float64)
+            w -= w.mean()
+            var = float(np.mean(w * w))
+            scores[i] = float(np.mean(w ** 4)) / (var * var) if var > 0 else 0.0
+        emitter.rank_layers(leaf, scores)
+
+
+def smooth_source(src, emitter, log: Callable[[str], None] = lambda m: None):
+    """The source with quantize/smoothing.py's per-channel scales folded in, and the emitter's
+    calibration statistics rescaled to match. Returns (source, manifest record)."""
+    from dataclasses import replace
+
+    from edgellama.quantize.smoothing import ALPHA, channel_scales
+
+    cfg = src.config
+    cols: dict[str, np.ndarray] = {}
+    rows: dict[str, np.ndarray] = {}
+    gains: dict[str, np.ndarray] = {}
+    groups = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        groups += [([f"{p}.self_attn.{c}_proj" for c in "qkv"], gains, f"{p}.input_layernorm.weight"),
+                   ([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], gains, f"{p}.post_attention_layernorm.weight"),
+                   ([f"{p}.mlp.down_proj"], rows, f"{p}.mlp.up_proj.weight")]
+    if not cfg.tie_word_embeddings and emitter.opts.lm_head != "keep":
+        groups.append((["lm_head"], gains, "model.norm.weight"))
+    present = set(src.tensors.names())
+    done = 0
+    for names, fold, target in groups:
+        x, act = emitter.act_inputs.get(names[0]), emitter.act_scales.get(names[0])
+        if act is None or (fold is rows and target.replace(".weight", ".bias") in present):
+            continue  # no statistics, or a biased producer whose bias would need rescaling too
+        s = channel_scales(act)
+        for n in names:
+            cols[n + ".weight"] = s
+        fold[target] = s
+        xs, acts = (None if x is None else x / s), act / s
+        for n in names:
+            emitter.act_scales[n] = acts
+            if xs is not None:
+                emitter.act_inputs[n] = xs
+        done += 1
+    log(f"smoothing: {done}/{len(groups)} weight groups rescaled (alpha {ALPHA})")
+    record = {"alpha": ALPHA, "groups": done}
+    if not done:
+        return src, record
+    return replace(src, tensors=ScaledTensors(src.tensors, cols, rows, gains)), record
