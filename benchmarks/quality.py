@@ -28,21 +28,15 @@ from degrid_smollm2 import FRANCE, degridded_smollm2  # noqa: E402
 CONFIGS: list[tuple[str, dict]] = [
     ("fp32", {}),
     ("int8 default", {"bits": 8}),
+    ("int8 default, --no-smooth", {"bits": 8, "smooth": False}),
     ("int8 rtn b64", {"bits": 8, "method": "rtn", "block_size": 64}),
-    ("int8 rtn b128", {"bits": 8, "method": "rtn", "block_size": 128}),
-    ("int8 default, accuracy_level 1", {"bits": 8, "accuracy_level": 1}),
     ("int4 default", {"bits": 4}),
-    ("int4 default, accuracy_level 1", {"bits": 4, "accuracy_level": 1}),
-    ("int4 rtn b32, emb/head int4 (~genai RTN)", {"bits": 4, "method": "rtn", "block_size": 32, "embeddings": "int4",
-                                                  "lm_head": "int4"}),
+    ("int4 default, --no-smooth", {"bits": 4, "smooth": False}),
+    ("int4 mixed b32 (faster decode)", {"bits": 4, "method": "mixed", "block_size": 32}),
+    ("int4 rtn b32, emb/head int4, --no-smooth (~genai RTN)", {"bits": 4, "method": "rtn", "block_size": 32,
+                                                               "embeddings": "int4", "lm_head": "int4", "smooth": False}),
     ("int4 hqq b32, emb/head int8 (mixed off)", {"bits": 4, "method": "hqq", "block_size": 32}),
-    ("int4 hqq b32, emb/head int4", {"bits": 4, "method": "hqq", "block_size": 32, "embeddings": "int4", "lm_head": "int4"}),
-    ("int4 hqq b64, emb/head int8", {"bits": 4, "method": "hqq", "block_size": 64}),
-    ("int4 hqq b64, emb/head int4", {"bits": 4, "method": "hqq", "block_size": 64, "embeddings": "int4", "lm_head": "int4"}),
-    ("int4 hqq b128, emb/head int8", {"bits": 4, "method": "hqq", "block_size": 128}),
-    ("int4 hqq b128, emb/head int4", {"bits": 4, "method": "hqq", "block_size": 128, "embeddings": "int4",
-                                      "lm_head": "int4"}),
-    ("int4 mixed b64", {"bits": 4, "method": "mixed", "block_size": 64}),
+    ("int4 hqq b16, emb/head int8 (mixed off)", {"bits": 4, "method": "hqq", "block_size": 16}),
 ]
 
 

@@ -97,6 +97,9 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; a bundle is an ordinary directory
     try:
         yield tmp
         if not out.exists():

@@ -96,6 +96,9 @@ def _export(args: argparse.Namespace) -> int:
 
             args.source = merge_adapter(load_source(args.source), args.adapter)
         return export_coreml_cli(args)
+    if args.stateless:
+        raise EdgeLlamaError("--stateless applies to --format coreml only (ONNX bundles always take the KV cache "
+                             "as inputs and outputs)")
     from edgellama.export.onnx_export import ExportOptions, export_onnx
 
     opts = ExportOptions(form="portable" if args.portable else "fast", dtype=args.dtype or "fp32",

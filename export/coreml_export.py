@@ -83,7 +83,8 @@ def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] |
     unsupported = sorted(k for k, v in quant.items()
                          if k not in ("bits", "block_size") and v is not None and (k, v) != ("method", "rtn"))
     if unsupported:
-        raise EdgeLlamaError(f"--{unsupported[0].replace('_', '-')} applies to --format onnx only "
+        flag = "no-smooth" if unsupported[0] == "smooth" else unsupported[0].replace("_", "-")
+        raise EdgeLlamaError(f"--{flag} applies to --format onnx only "
                              "(Core ML compresses every weight matrix with coremltools' linear quantizer)")
     bits = quant.get("bits")
     if bits not in (4, 8):

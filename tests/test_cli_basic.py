@@ -72,6 +72,8 @@ BAD_INPUTS = {
     "negative threads": (lambda m, t: m.folder, ["--threads", "-1"], ["--threads"]),
     "quant option without --quant": (lambda m, t: m.folder, ["--block-size", "32"], ["--block-size", "--quant"]),
     "unknown dtype": (lambda m, t: m.folder, ["--dtype", "int3"], ["--dtype", "int3"]),
+    "stateless onnx": (lambda m, t: m.folder, ["--stateless"], ["--stateless", "coreml"]),
+    "calibration text without --quant": (lambda m, t: m.folder, ["--calib", "x.txt"], ["--calib", "--quant"]),
 }
 
 
@@ -151,6 +153,9 @@ def test_existing_output_needs_force(tiny_llama, tmp_path, capsys):
     assert run_cli(["export", src, "-o", out, "--max-context", "64", "--no-verify"], capsys).code == 0
     before = (out / "edgellama.json").read_bytes()
     assert read_manifest(out).context_length == 64
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # an ordinary directory, not mkdtemp's 0700
 
     r = run_cli(["export", src, "-o", out, "--max-context", "96", "--no-verify"], capsys)
     assert r.code == 2

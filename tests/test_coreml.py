@@ -344,6 +344,7 @@ def not_llama(tmp_path) -> Path:
     (["--device", "iphone-15-pro"], "onnx only"),
     (["--quant", "int4", "--block-size", "24"], "does not divide"),
     (["--quant", "int8", "--method", "hqq"], "onnx only"),
+    (["--quant", "int8", "--no-smooth"], "--no-smooth"),
 ])
 def test_bad_options_are_one_line_errors(ckpt, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(CE, "convert", lambda *a: pytest.fail("bad options must be refused before converting"))

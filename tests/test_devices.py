@@ -146,13 +146,20 @@ def test_llama_3_2_1b_int4_weights_match_an_independent_count():
     norms = (2 * s.num_hidden_layers + 1) * s.hidden_size
     assert linear + embed + norms == s.param_count() == 1_235_814_400  # Llama 3.2 1B's published count
 
-    onnx = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096)  # fp32 scales and norms
+    onnx = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096, embed_quant="int4")  # fp32 scales
     assert onnx.weights_bytes == _int4_bytes(linear + embed, 32, 4) + norms * 4
-    coreml = plan(LLAMA_1B, get_profile("iphone-15-pro"), quant="int4", max_context=4096)  # fp16
+    coreml = plan(LLAMA_1B, get_profile("iphone-15-pro"), quant="int4", max_context=4096)  # fp16, every matrix int4
     assert coreml.weights_bytes == _int4_bytes(linear + embed, 32, 2) + norms * 2
     for p in (onnx, coreml):
         assert 0.7e9 <= p.weights_bytes <= 0.8e9
-    bigger_blocks = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096, block_size=128)
+    # An ONNX int4 bundle keeps its embedding/lm_head at int8 unless told otherwise, and so does its plan.
+    default = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096)
+    assert default.weights_bytes == plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096,
+                                         embed_quant="int8").weights_bytes
+    # plan prices int8 per output channel (one fp32 scale per row)
+    assert default.weights_bytes - onnx.weights_bytes == embed + s.vocab_size * 4 - _int4_bytes(embed, 32, 4)
+    bigger_blocks = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096, block_size=128,
+                         embed_quant="int4")
     assert bigger_blocks.weights_bytes == _int4_bytes(linear + embed, 128, 4) + norms * 4
 
     int8 = plan(LLAMA_1B, get_profile("pixel-8"), quant="int8", max_context=4096)
@@ -165,8 +172,8 @@ def test_llama_3_2_1b_int4_weights_match_an_independent_count():
 def test_tied_embeddings_are_stored_once_but_read_the_same():
     untied = dataclasses.replace(LLAMA_1B, tie_word_embeddings=False)
     device = get_profile("galaxy-s24")
-    a = plan(LLAMA_1B, device, quant="int4", max_context=2048)
-    b = plan(untied, device, quant="int4", max_context=2048)
+    a = plan(LLAMA_1B, device, quant="int4", max_context=2048, embed_quant="int4")
+    b = plan(untied, device, quant="int4", max_context=2048, embed_quant="int4")
     assert b.weights_bytes - a.weights_bytes == _int4_bytes(LLAMA_1B.vocab_size * LLAMA_1B.hidden_size, 32, 4)
     assert a.read_bytes_per_token == b.read_bytes_per_token  # decode reads the lm_head plus one embedding row either way
     assert a.predicted_decode_tok_s == b.predicted_decode_tok_s
