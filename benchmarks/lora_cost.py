@@ -71,37 +71,45 @@ def int4_bundle_bytes(arch: dict, context: int, tokenizer_bytes: int) -> dict:
     """The default int4 export's size for an architecture, from the quantizer's own layouts.
 
     Each weight is quantized as a 64-row slice and its bytes scaled to the full row count
-    (blocks run along the rows, so bytes per row are exact); norms and the RoPE tables are
-    float32 as the graph builder writes them."""
+    (blocks run along the rows, so bytes per row are exact); norms are float32 as the graph
+    builder writes them."""
     from edgellama.export.config import LlamaConfig
     from edgellama.export.onnx_graph import FloatWeights
     from edgellama.quantize.onnx_weights import make_emitter
     from edgellama.quantize.packing import matmul_nbits
     from edgellama.runtime.adapters import PROJECTIONS, projection_shape
 
+    from edgellama.quantize.onnx_weights import INT8_SHARE
+
     cfg = LlamaConfig.from_hf(arch)
     em, _ = make_emitter(cfg, {"bits": 4}, form="fast", fallback=FloatWeights())
+    # The export ranks down_proj layers by their weights' kurtosis; for sizing only the count matters.
+    em.int8_layers["down_proj"] = set(range(round(INT8_SHARE["down_proj"] * cfg.num_hidden_layers)))
     rng = np.random.default_rng(0)
-    per_row: dict[tuple[int, int], float] = {}
+    per_row: dict[tuple[int, int, int], float] = {}
+    scale_bytes = np.dtype(em.opts.scale_dtype).itemsize
 
-    def row_bytes(k: int, bits: int) -> float:
-        if (k, bits) not in per_row:
-            qt = em._quantize(rng.standard_normal((64, k)).astype(np.float32), bits)  # the emitter's own choice of symmetry
+    def row_bytes(k: int, bits: int, block: int) -> float:
+        if (k, bits, block) not in per_row:
+            w = rng.standard_normal((64, k)).astype(np.float32)
+            qt = em._quantize(w, bits, block_size=block)  # the emitter's own choice of symmetry
             mw = matmul_nbits(qt)
-            total = mw.B.nbytes + mw.scales.astype(np.float32).nbytes
+            total = mw.B.nbytes + mw.scales.size * scale_bytes
             total += mw.zero_points.nbytes if mw.zero_points is not None else 0
-            per_row[(k, bits)] = total / 64
-        return per_row[(k, bits)]
+            per_row[(k, bits, block)] = total / 64
+        return per_row[(k, bits, block)]
 
     layers = 0.0
     for layer in range(cfg.num_hidden_layers):
         for proj in PROJECTIONS:
             n, k = projection_shape(arch, proj)
             block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            layers += n * row_bytes(k, em.bits_for(f"model.layers.{layer}.{block}.{proj}"))
+            bits = em.bits_for(f"model.layers.{layer}.{block}.{proj}")
+            layers += n * row_bytes(k, bits, em.block_for(proj, bits))
     embed_bits = {"int8": 8, "int4": 4}[em.opts.embeddings]
-    embed = cfg.vocab_size * row_bytes(cfg.hidden_size, embed_bits) * (1 if cfg.tie_word_embeddings else 2)
-    floats = 4 * (cfg.hidden_size * (2 * cfg.num_hidden_layers + 1) + context * cfg.head_dim)  # norms, cos/sin
+    embed = cfg.vocab_size * row_bytes(cfg.hidden_size, embed_bits, em.embedding_block) * (
+        1 if cfg.tie_word_embeddings else 2)
+    floats = 4 * cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)  # norms (RoPE tables are computed at load)
     return {"weights_bytes": int(layers + embed), "other_bytes": floats + tokenizer_bytes,
             "total_bytes": int(layers + embed) + floats + tokenizer_bytes}
 
