@@ -73,7 +73,7 @@ def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
     per-linear input statistics. Peak memory is one layer plus the activations, not the model."""
     import torch
 
-    from edgellama.export.model import Block, Llama, RMSNorm
+    from edgellama.export.model import stream_hidden
 
     cfg = src.config
     if text_file is not None:
@@ -87,7 +87,6 @@ def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
         ids = ids[: len(ids) // window * window]  # whole windows only: one batch, one mask
     s = min(window, len(ids))
     batch = torch.tensor(ids).reshape(-1, s)
-    get = lambda name: torch.from_numpy(src.tensors.get(name))  # noqa: E731
 
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, np.ndarray] = {}
@@ -103,29 +102,12 @@ def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
         if keep_inputs:
             rows[key] = x[:INPUT_ROWS].float().numpy().copy()
 
-    with torch.device("meta"):
-        shell = Llama(cfg)  # only for its rope frequencies, never materialised
-    with torch.inference_mode():
-        x = torch.nn.functional.embedding(batch, get("model.embed_tokens.weight"))
-        inv = torch.tensor(shell.inv_freq_values(), dtype=torch.float32)
-        freqs = torch.arange(s)[None, None, :, None].float() * inv
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
-        for i in range(cfg.num_hidden_layers):
-            with torch.device("meta"):
-                block = Block(cfg)
-            prefix = f"model.layers.{i}."
-            block.load_state_dict({k: get(prefix + k) for k, _ in block.named_parameters()}, assign=True)
-            hooks = [m.register_forward_pre_hook(lambda mod, inp, n=prefix + name: record(n, inp[0]))
-                     for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-            x, _ = block(x, cos, sin, mask, None)
-            for h in hooks:
-                h.remove()
-            del block
-        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        norm.weight = torch.nn.Parameter(get("model.norm.weight"))
-        record("lm_head", norm(x))
+    def hook_linears(prefix: str, block) -> None:
+        for name, m in block.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_pre_hook(lambda mod, inp, n=prefix + name: record(n, inp[0]))
+
+    record("lm_head", stream_hidden(src, batch, on_block=hook_linears))
     n = batch.numel()
     log(f"calibration: {n} tokens ({source})")
     scales = {key: (v / n).float().numpy() for key, v in sums.items()}
@@ -158,20 +140,19 @@ class ScaledTensors:
 
 
 def rank_int8_layers(src, emitter) -> None:
-    """Tell the mixed policy which layers' projections lose most at int4: the heaviest-tailed ones.
+    """Tell the mixed policy which layers' down projections lose most at int4: the heaviest-tailed ones.
 
     Weight kurtosis, not calibration error: on de-gridded SmolLM2 the layers whose int4 down
     projection costs most KLD (0-2, 9-11, 27-29) are those with the heaviest tails, while the
     relative output error on calibration tokens ranked them last (docs/quantization.md).
     """
-    for leaf, module in (("down_proj", "mlp"),):
-        scores = {}
-        for i in range(src.config.num_hidden_layers):
-            w = src.tensors.get(f"model.layers.{i}.{module}.{leaf}.weight").astype(np.float64)
-            w -= w.mean()
-            var = float(np.mean(w * w))
-            scores[i] = float(np.mean(w ** 4)) / (var * var) if var > 0 else 0.0
-        emitter.rank_layers(leaf, scores)
+    scores = {}
+    for i in range(src.config.num_hidden_layers):
+        w = src.tensors.get(f"model.layers.{i}.mlp.down_proj.weight").astype(np.float64)
+        w -= w.mean()
+        var = float(np.mean(w * w))
+        scores[i] = float(np.mean(w ** 4)) / (var * var) if var > 0 else 0.0
+    emitter.rank_layers("down_proj", scores)
 
 
 def smooth_source(src, emitter, log: Callable[[str], None] = lambda m: None):

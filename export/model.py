@@ -165,3 +165,33 @@ class Llama(nn.Module):
         model.load_state_dict(state, assign=True, strict=False)
         model.inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
         return model.eval()
+
+
+def stream_hidden(source, tokens: Tensor, on_block=None) -> Tensor:
+    """Final-norm hidden states [b, s, hidden] of token ids [b, s], every row starting at position 0.
+
+    Loads one decoder layer at a time from `source.tensors` and drops it after use, so peak
+    memory is one layer plus activations, not the model. `on_block(prefix, block)` is called
+    with each layer before it runs (for forward hooks; they go with the block).
+    """
+    cfg = source.config
+    get = lambda name: torch.from_numpy(source.tensors.get(name))  # noqa: E731
+    s = tokens.shape[1]
+    with torch.inference_mode():
+        x = F.embedding(tokens, get("model.embed_tokens.weight"))
+        freqs = torch.arange(s)[None, None, :, None].float() * torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
+        for i in range(cfg.num_hidden_layers):
+            with torch.device("meta"):
+                block = Block(cfg)
+            prefix = f"model.layers.{i}."
+            block.load_state_dict({k: get(prefix + k) for k, _ in block.named_parameters()}, assign=True)
+            if on_block is not None:
+                on_block(prefix, block)
+            x, _ = block(x, cos, sin, mask, None)
+            del block
+        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm.weight = nn.Parameter(get("model.norm.weight"))
+        return norm(x)

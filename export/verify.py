@@ -31,33 +31,14 @@ def reference_logits(source, ids: list[int]):
     """fp32 logits [len(ids), vocab] from our torch model, loading one layer at a time."""
     import torch
 
-    from edgellama.export.model import Block, RMSNorm, Llama
+    from edgellama.export.model import stream_hidden
 
     cfg = source.config
-    get = lambda name: torch.from_numpy(source.tensors.get(name))  # noqa: E731
-    with torch.device("meta"):
-        shell = Llama(cfg)  # only for its rope tables and mask logic, never materialised
+    h = stream_hidden(source, torch.tensor([ids]))
+    head = torch.from_numpy(source.tensors.get("model.embed_tokens.weight" if cfg.tie_word_embeddings
+                                               else "lm_head.weight"))
     with torch.inference_mode():
-        tokens = torch.tensor([ids])
-        x = torch.nn.functional.embedding(tokens, get("model.embed_tokens.weight"))
-        positions = torch.arange(len(ids))[None, :]
-        inv = torch.tensor(shell.inv_freq_values(), dtype=torch.float32)
-        freqs = positions[:, None, :, None].float() * inv
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        s = len(ids)
-        mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
-        for i in range(cfg.num_hidden_layers):
-            with torch.device("meta"):
-                block = Block(cfg)
-            prefix = f"model.layers.{i}."
-            block.load_state_dict({k: get(prefix + k) for k, _ in block.named_parameters()}, assign=True)
-            x, _ = block(x, cos, sin, mask, None)
-            del block
-        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        norm.weight = torch.nn.Parameter(get("model.norm.weight"))
-        head = get("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
-        return torch.nn.functional.linear(norm(x), head)[0].numpy()
+        return torch.nn.functional.linear(h, head)[0].numpy()
 
 
 def verify_onnx_bundle(bundle_dir: Path, manifest: B.Manifest, source, *, steps: int = 8,
