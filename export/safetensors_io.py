@@ -1,4 +1,4 @@
-"""A strict, lazy safetensors reader (numpy memmap, no torch, no pickle).
+"""A strict, lazy safetensors reader (numpy, no torch, no pickle).
 
 The header is validated before any tensor is touched: offsets must tile the data
 region exactly and agree with dtype x shape, so a lying header is refused before
@@ -100,7 +100,6 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.infos, self.metadata, self._offset = read_header(self.path)
-        self._mm: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -110,16 +109,23 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         info = self.infos[name]
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mm[self._offset + info.start: self._offset + info.end]
-        dt, _ = _DTYPES[info.dtype]
-        arr = raw.view(dt).reshape(info.shape)
-        if info.dtype == "BF16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        if arr.dtype.kind == "f":
+        dt, size = _DTYPES[info.dtype]
+        # Read, not memory-mapped: pages of a mapping stay in this process's RSS for as long as
+        # the mapping lives, so exporting a 2.5 GB checkpoint would carry all of it to the end.
+        with open(self.path, "rb") as f:
+            f.seek(self._offset + info.start)
+            arr = np.fromfile(f, dtype=dt, count=(info.end - info.start) // size)
+        if arr.size * size != info.end - info.start:
+            raise EdgeLlamaError(f"{self.path.name}: tensor {name!r} is truncated")
+        arr = arr.reshape(info.shape)
+        if info.dtype == "BF16":  # widened in one uint32 array, shifted in place
+            wide = arr.astype(np.uint32)
+            del arr
+            wide <<= 16
+            return wide.view(np.float32)
+        if arr.dtype.kind == "f" and arr.dtype != np.float32:
             return arr.astype(np.float32)
-        return np.array(arr)
+        return arr
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -20,6 +20,7 @@ from edgellama.errors import EdgeLlamaError
 from edgellama.quantize.numerics import (
     QuantizedTensor,
     block_range,
+    block_sum,
     minmax_params,
     check_weight,
     dequantize_blocks,
@@ -41,13 +42,15 @@ class MseClip:
 
 @dataclass(frozen=True)
 class Hqq:
-    iters: int = 6
+    # 3 iterations from a 3-ratio start scored as well as 6 from 6 on de-gridded SmolLM2 (int4
+    # default, KLD 0.069/0.110 against 0.071/0.114 on the two held-out texts) at half the time.
+    iters: int = 3
     p: float = 0.7  # lp-norm of the error (p < 1 favours a sparse error: outliers are ignored)
     beta: float = 1.0  # half-quadratic penalty, grown by kappa each iteration
     kappa: float = 1.3
     # A coarse clipping search to start from: the alternation only finds a local optimum,
     # and starting from plain min/max leaves it worse than MseClip on wide blocks.
-    init: MseClip = MseClip(ratios=(1.0, 0.94, 0.88, 0.82, 0.76, 0.70))
+    init: MseClip = MseClip(ratios=(1.0, 0.9, 0.8))
 
 
 def quantize(
@@ -152,7 +155,8 @@ def block_error(
     t -= wb
     if sw is not None:
         t *= sw
-    return np.einsum("rbk,rbk->rb", t, t)
+    t *= t
+    return block_sum(t)
 
 
 def mse_clip_params(
@@ -204,7 +208,10 @@ def hqq_params(
         e = q - z[..., None]
         e *= s[..., None]
         np.subtract(wb, e, out=e)  # e = w - dequantized
-        err = np.einsum("rbk,rbk->rb", e, e) if h is None else np.einsum("rbk,rbk,bk->rb", e, e, h)
+        sq = e * e
+        if h is not None:
+            sq *= h
+        err = block_sum(sq)
         if best_e is None:
             best_e = err
         else:
@@ -215,20 +222,24 @@ def hqq_params(
         if it == cfg.iters:
             break
         # Proximal lp step, in quantization steps: e <- e_sparse * |s|, written as
-        # e * max(1 - |e|^(p-2) / beta, 0), with the power as exp(log()) (several times
-        # faster than np.power in float32). Errors under 1e-6 steps shrink to 0 either way;
-        # the floor keeps exp() finite.
+        # e * max(1 - |e|^(p-2) / beta, 0). The factor is 0 wherever |e| <= beta^(1/(p-2)),
+        # which is most elements (rounding errors are under half a step), so the power is
+        # taken, as exp(log()) (several times faster than np.power in float32), only where
+        # it can be non-zero.
         step = np.abs(s)[..., None]
         e *= np.divide(1.0, step, out=np.zeros_like(step), where=step != 0)
-        f = np.abs(e)
-        np.maximum(f, 1e-6, out=f)
-        np.log(f, out=f)
-        f *= cfg.p - 2.0
-        f -= np.log(beta)
-        np.exp(f, out=f)
-        np.subtract(1.0, f, out=f)
-        np.maximum(f, 0.0, out=f)
-        e *= f
+        f = np.abs(e).reshape(-1)
+        live = np.flatnonzero(f > np.float32(beta ** (1.0 / (cfg.p - 2.0))))
+        v = f[live]
+        np.log(v, out=v)
+        v *= np.float32(cfg.p - 2.0)
+        v -= np.float32(np.log(beta))
+        np.exp(v, out=v)
+        np.subtract(1.0, v, out=v)
+        np.maximum(v, 0.0, out=v)
+        f[:] = 0.0
+        f[live] = v
+        e *= f.reshape(e.shape)
         e *= step
         np.subtract(wb, e, out=e)  # target the codes should reproduce
         s, z = refit(q, e, h, z, s, symmetric, qmax)
@@ -248,14 +259,13 @@ def refit(
     """Weighted least-squares (s, z) for t ~= (q - z) s, z an integer code."""
     if h is None:
         n = np.float32(q.shape[-1])
-        sq, st = q.sum(-1), t.sum(-1)
-        sqq = np.einsum("rbk,rbk->rb", q, q)
-        sqt = np.einsum("rbk,rbk->rb", q, t)
+        sq, st = block_sum(q), block_sum(t)
+        sqq, sqt = block_sum(q * q), block_sum(q * t)
     else:
         n = h.sum(-1)
-        sq, st = np.einsum("rbk,bk->rb", q, h), np.einsum("rbk,bk->rb", t, h)
-        sqq = np.einsum("rbk,rbk,bk->rb", q, q, h)
-        sqt = np.einsum("rbk,rbk,bk->rb", q, t, h)
+        qh, th = q * h, t * h
+        sq, st = block_sum(qh), block_sum(th)
+        sqq, sqt = block_sum(qh * q), block_sum(qh * t)
     if not symmetric:
         # Unconstrained affine fit t ~= a q + b gives s = a, z = -b / a; z is then rounded.
         var = n * sqq - sq * sq
