@@ -303,6 +303,21 @@ def write_adapter_file(adapter_dir: str | os.PathLike, base: str | os.PathLike, 
     manifest = B.read_manifest(base, verify=False)
     R = check_against_bundle(adapter, manifest)
     tensors = adapter_tensors(adapter)
+    scales_file = manifest.extras["lora_slots"].get("input_scales")
+    if scales_file:  # a smoothed base feeds the slots x / s: A diag(s) computes A x
+        if not (Path(base) / scales_file).is_file():
+            raise EdgeLlamaError(f"the base bundle is missing {scales_file}, which its manifest lists")
+        scales = SafetensorsFile(Path(base) / scales_file)
+        have = set(scales.keys())
+
+        def fold(key: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if f"{key}.in" in have:  # the slot sees x / s
+                a = (a * scales.get(f"{key}.in")[None, :]).astype(np.float32)
+            if f"{key}.out" in have:  # the base weight's rows were divided by s: so must the delta be
+                b = (b / scales.get(f"{key}.out")[:, None]).astype(np.float32)
+            return a, b
+
+        tensors = {(layer, proj): fold(f"{layer}.{proj}", a, b) for (layer, proj), (a, b) in tensors.items()}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         if fmt == "edgellama":

@@ -27,6 +27,10 @@ from edgellama.runtime import bundle as B
 
 _LINEAR = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.\w+$")
 MAX_RANK = 256  # beyond this a merged export (or a full fine-tune) is the better tool
+# A smoothed (quantized) slots bundle's scales for the slotted projections: "{layer}.{proj}.in"
+# [K] where smoothing fed the projection x / s (A diag(s) then computes A x), "{layer}.{proj}.out"
+# [N] where it divided the weight's rows by s (up_proj, for down_proj's scales: B must be too).
+INPUT_SCALES_FILE = "lora_input_scales.safetensors"
 
 
 def check_slot_options(rank: int, targets: list[str] | None) -> list[str]:
@@ -84,3 +88,18 @@ class LoraSlots:
     def record(self) -> dict:
         """The manifest's extras["lora_slots"]: the largest rank an adapter may bring, and where it may act."""
         return {"rank": self.rank, "targets": [p for p in RA.PROJECTIONS if p in self.slotted]}
+
+
+def input_scales(tensors, n_layers: int, projections: list[str]) -> dict[str, np.ndarray]:
+    """INPUT_SCALES_FILE's tensors: the smoothing of each slotted projection (`tensors` is
+    calibration.ScaledTensors after smoothing; anything else has none)."""
+    from edgellama.export.lora import _BLOCK_OF
+
+    out = {}
+    for kind, scaled in (("in", getattr(tensors, "cols", None) or {}), ("out", getattr(tensors, "rows", None) or {})):
+        for i in range(n_layers):
+            for proj in projections:
+                s = scaled.get(f"model.layers.{i}.{_BLOCK_OF[proj]}.{proj}.weight")
+                if s is not None:
+                    out[f"{i}.{proj}.{kind}"] = np.asarray(s, np.float32)
+    return out

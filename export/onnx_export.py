@@ -168,8 +168,8 @@ def export_onnx(
             from edgellama.export.calibration import rank_int8_layers
 
             rank_int8_layers(src, emitter)
-        if emitter.opts.smooth and emitter.act_scales and not slot_targets:
-            # Not under LoRA slots: a runtime adapter's A matrices would meet the rescaled inputs.
+        if emitter.opts.smooth and emitter.act_scales:
+            # Under LoRA slots too: the scales go into the bundle, and adapter files fold them into A.
             from edgellama.export.calibration import smooth_source
 
             src, quant_info["smoothing"] = smooth_source(src, emitter, log)
@@ -208,7 +208,14 @@ def export_onnx(
         if adapter is not None:
             manifest.extras["adapter"] = adapter.record()
         if slot_targets:
+            from edgellama.export.lora_slots import INPUT_SCALES_FILE, input_scales
+            from edgellama.export.safetensors_io import save_file
+
             manifest.extras["lora_slots"] = graph_emitter.record()
+            scales = input_scales(src.tensors, cfg.num_hidden_layers, sorted(graph_emitter.slotted))
+            if scales:
+                save_file(scales, tmp / INPUT_SCALES_FILE)
+                manifest.extras["lora_slots"]["input_scales"] = INPUT_SCALES_FILE
         write_tokenizer_files(tmp, tok)
         (tmp / B.HF_CONFIG).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
         write_genai_config(tmp, cfg, manifest)

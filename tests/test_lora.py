@@ -198,8 +198,8 @@ def test_partial_targets_and_packed_parts(lora, tmp_path):
 
 def test_quantized_base_takes_adapters(lora, exported, tmp_path):
     """int4 base weights keep their MatMulNBits; the adapter rides on top in float32."""
-    # The quickest search, and no smoothing: a slots bundle skips it (a runtime adapter's A would meet
-    # rescaled inputs), so the plain bundle must too for the two to match. What is tested is the graph.
+    # The quickest search, and no smoothing (tested on its own below): the plain and slots bundles
+    # then hold the same codes, so without an adapter they match to the bit. What is tested is the graph.
     q = {"bits": 4, "method": "rtn", "smooth": False}
     plain = export(lora.base.folder, tmp_path / "int4", quant=q)
     slots = export(lora.base.folder, tmp_path / "int4-slots", quant=q, lora_slots=8)
@@ -421,3 +421,52 @@ def test_smollm2_merged_and_swapped_match_peft(tmp_path_factory, rank):
     export_onnx(src, slots, ExportOptions(max_context=64, verify=False, lora_slots=16), log=lambda m: None)
     out = Path(write_adapter_file(work / "ad", slots, work / "ad.safetensors").out)
     np.testing.assert_allclose(engine_trace(slots, ids, adapter=out), engine_trace(merged, ids), atol=TOL)
+
+
+def test_smoothed_slots_bundle_folds_its_scales_into_adapters(lora, exported, tmp_path):
+    """A quantized slots bundle is smoothed like a plain one; adapter files carry A diag(s) for it."""
+    from edgellama.export.lora import adapter_tensors
+    from edgellama.export.lora_slots import INPUT_SCALES_FILE
+
+    slots = export(lora.base.folder, tmp_path / "int8-slots", quant={"bits": 8}, lora_slots=8)
+    m = B.read_manifest(slots)
+    assert m.quantization["smoothing"]["groups"] > 0
+    assert m.extras["lora_slots"]["input_scales"] == INPUT_SCALES_FILE and INPUT_SCALES_FILE in m.files
+    scales = SafetensorsFile(slots / INPUT_SCALES_FILE)
+    n = lora.base.hf.config.num_hidden_layers
+    want = {f"{i}.{p}" for i in range(n) for p in SEVEN if p != "o_proj"}  # o_proj's input is not smoothed
+    # down_proj's scales divide up_proj's rows, so up_proj's delta must be divided too
+    assert set(scales.keys()) == {f"{k}.in" for k in want} | {f"{i}.up_proj.out" for i in range(n)}
+    out = Path(write_adapter_file(lora.adapters[8][0], slots, tmp_path / "ad8.safetensors").out)
+    raw = adapter_tensors(read_adapter(lora.adapters[8][0]))
+    f = SafetensorsFile(out)
+    s = scales.get("0.q_proj.in")
+    assert np.ptp(s) > 0.1  # the scales are not all one: the test below can tell folded from not
+    np.testing.assert_allclose(f.get("lora.0.q_proj.A"), raw[(0, "q_proj")][0] * s[None, :], rtol=1e-6)
+    np.testing.assert_array_equal(f.get("lora.0.o_proj.A"), raw[(0, "o_proj")][0])
+    np.testing.assert_allclose(f.get("lora.0.up_proj.B"), raw[(0, "up_proj")][1] / scales.get("0.up_proj.out")[:, None],
+                               rtol=1e-6)
+    # End to end: int8 + adapter is as near the float merged model as int8 is to the float base,
+    # and the same adapter without the scales folded in is clearly further.
+    unfolded = tmp_path / "unfolded.safetensors"
+    have = set(scales.keys())
+
+    def unfold(k: str) -> np.ndarray:
+        key, which = k[len("lora."):-2], k[-1]
+        if which == "A" and f"{key}.in" in have:
+            return f.get(k) / scales.get(f"{key}.in")[None, :]
+        if which == "B" and f"{key}.out" in have:
+            return f.get(k) * scales.get(f"{key}.out")[:, None]
+        return f.get(k)
+
+    save_file({k: unfold(k) for k in f.keys()}, unfolded, metadata=f.metadata)
+    base8, plain_fp32 = engine_trace(slots, lora.ids), engine_trace(exported("gqa4").dir, lora.ids)
+    merged_fp32 = engine_trace(lora.merged[8], lora.ids)
+    quant_error = np.abs(base8 - plain_fp32).mean()
+    folded_error = np.abs(engine_trace(slots, lora.ids, adapter=out) - merged_fp32).mean()
+    unfolded_error = np.abs(engine_trace(slots, lora.ids, adapter=unfolded) - merged_fp32).mean()
+    assert folded_error < 1.5 * quant_error
+    assert unfolded_error > 2.5 * folded_error
+    (slots / INPUT_SCALES_FILE).unlink()
+    with pytest.raises(EdgeLlamaError, match="missing lora_input_scales.safetensors"):
+        write_adapter_file(lora.adapters[8][0], slots, tmp_path / "again.safetensors")
