@@ -12,7 +12,7 @@ Llama-3.2-1B's shape (weights unavailable here) the int4 bundle is sized with th
 run on row slices of each weight (bytes per row do not depend on the row count), checked against
 the SmolLM2 bundle actually written, and the adapter file is written in full from zero tensors.
 
-    python benchmarks/lora_cost.py [--rank 16] [--rounds 7] [--new-tokens 64] [--work DIR]
+    python benchmarks/lora_cost.py [--rank 16] [--rounds 7] [--new-tokens 64] [--work DIR] [--model-1b DIR]
 """
 
 from __future__ import annotations
@@ -144,34 +144,24 @@ def decode_tok_s(model, prompt: list[int], forced: list[int]) -> tuple[float, fl
     return len(forced) / (time.process_time() - c0), len(forced) / (time.perf_counter() - w0)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", type=Path, default=None, help="keep exports here (default: a temporary folder)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-
-    from edgellama.assets import LLAMA32_TOKENIZER, fetch
+def measure(src, work: Path, args, merged: bool) -> dict:
+    """Export plain / slots (/ merged) int4 bundles of `src`, write a random adapter file for the slots
+    bundle, and time decode on each variant in interleaved rounds."""
     from edgellama.export.lora import write_adapter_file
     from edgellama.export.onnx_export import ExportOptions, export_onnx
-    from edgellama.export.sources import load_source
     from edgellama.runtime.generate import load
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="lora_cost-"))
-    work.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    src = load_source("smollm2-135m-instruct")
+    work.mkdir(parents=True, exist_ok=True)
     arch = src.config.to_hf()
     adapter_dir = random_peft_adapter(arch, work / "adapter", args.rank, 2.0 * args.rank, seed=0)
     quant = {"bits": 4}
-    dirs = {"plain": work / "plain", "slots": work / "slots", "merged": work / "merged"}
+    dirs = {"plain": work / "plain", "slots": work / "slots"}
     opts = {"plain": ExportOptions(quant=quant, verify=False),
-            "slots": ExportOptions(quant=quant, verify=False, lora_slots=args.rank),
-            "merged": ExportOptions(quant=quant, verify=False, adapter=str(adapter_dir))}
+            "slots": ExportOptions(quant=quant, verify=False, lora_slots=args.rank)}
+    if merged:
+        dirs["merged"] = work / "merged"
+        opts["merged"] = ExportOptions(quant=quant, verify=False, adapter=str(adapter_dir))
     for name, out in dirs.items():
         if not (out / "edgellama.json").exists():
             t0 = time.perf_counter()
@@ -183,8 +173,9 @@ def main(argv=None) -> int:
     ctx = args.prompt_tokens + args.new_tokens + 1
     models = {"plain": load(dirs["plain"], threads=args.threads, max_context=ctx),
               "slots, no adapter": load(dirs["slots"], threads=args.threads, max_context=ctx),
-              "slots + adapter": load(dirs["slots"], threads=args.threads, max_context=ctx, adapter=adapter_file),
-              "merged": load(dirs["merged"], threads=args.threads, max_context=ctx)}
+              "slots + adapter": load(dirs["slots"], threads=args.threads, max_context=ctx, adapter=adapter_file)}
+    if merged:
+        models["merged"] = load(dirs["merged"], threads=args.threads, max_context=ctx)
     rng = np.random.default_rng(1)
     prompt = rng.integers(100, 40000, args.prompt_tokens).tolist()
     forced = rng.integers(100, 40000, args.new_tokens).tolist()
@@ -195,23 +186,56 @@ def main(argv=None) -> int:
         order = list(models) if r % 2 == 0 else list(reversed(models))  # no variant always runs first
         for name in order:
             speeds[name].append(decode_tok_s(models[name], prompt, forced))
-        log(f"round {r + 1}/{args.rounds} (cpu/wall tok/s): " +
+        log(f"{src.config.num_hidden_layers}-layer model, round {r + 1}/{args.rounds} (cpu/wall tok/s): " +
             ", ".join(f"{k} {v[-1][0]:.1f}/{v[-1][1]:.1f}" for k, v in speeds.items()))
-    med = {k: statistics.median(c for c, _ in v) for k, v in speeds.items()}
-    med_wall = {k: statistics.median(w for _, w in v) for k, v in speeds.items()}
+    del models
+    return {"dirs": dirs, "cpu": {k: statistics.median(c for c, _ in v) for k, v in speeds.items()},
+            "wall": {k: statistics.median(w for _, w in v) for k, v in speeds.items()}, "runs": speeds,
+            "adapter_file": adapter_file, "sizes": {name: bundle_bytes(d) for name, d in dirs.items()}}
 
-    def ratios(m: dict[str, float]) -> dict[str, float]:
-        return {"slots+adapter / plain": m["slots + adapter"] / m["plain"],
-                "slots+adapter / slots no adapter": m["slots + adapter"] / m["slots, no adapter"],
-                "slots no adapter / plain": m["slots, no adapter"] / m["plain"],
-                "merged / plain": m["merged"] / m["plain"]}
+
+def ratios(m: dict[str, float]) -> dict[str, float]:
+    r = {"slots+adapter / plain": m["slots + adapter"] / m["plain"],
+         "slots+adapter / slots no adapter": m["slots + adapter"] / m["slots, no adapter"],
+         "slots no adapter / plain": m["slots, no adapter"] / m["plain"]}
+    if "merged" in m:
+        r["merged / plain"] = m["merged"] / m["plain"]
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=None, help="keep exports here (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--model-1b", type=Path, default=None,
+                    help="also export and time a Llama-3.2-1B-shape folder (benchmarks/make_1b_shape.py)")
+    args = ap.parse_args(argv)
+
+    from edgellama.assets import LLAMA32_TOKENIZER, fetch
+    from edgellama.export.sources import load_source
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="lora_cost-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = load_source("smollm2-135m-instruct")
+    arch = src.config.to_hf()
+    smol = measure(src, work, args, merged=True)
+    dirs, med, med_wall, speeds, adapter_file = smol["dirs"], smol["cpu"], smol["wall"], smol["runs"], smol["adapter_file"]
+    one_b_run = None
+    if args.model_1b:
+        # The merged graph is the plain one (only the weights differ), so the 1B shape skips it.
+        one_b_run = measure(load_source(str(args.model_1b)), work / "1b", args, merged=False)
 
     tok_bytes = sum((Path(fetch(LLAMA32_TOKENIZER)) / f).stat().st_size for f in ("tokenizer.json", "tokenizer_config.json"))
     smol_tok = sum((dirs["plain"] / f).stat().st_size for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"))
     predicted_smol = int4_bundle_bytes(arch, read_context(dirs["plain"]), smol_tok)["total_bytes"]
     one_b = int4_bundle_bytes(LLAMA32_1B, 8192, tok_bytes)
     one_b_adapter = adapter_file_bytes(LLAMA32_1B, args.rank, work)
-    sizes = {name: bundle_bytes(d) for name, d in dirs.items()}
+    sizes = smol["sizes"]
     result = {
         "model": "SmolLM2-135M-Instruct (int4, fast form)", "rank": args.rank, "rounds": args.rounds,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
@@ -223,6 +247,11 @@ def main(argv=None) -> int:
         "llama32_1b_shape": {"int4_bundle_bytes": one_b["total_bytes"], "adapter_file_bytes": one_b_adapter,
                              "adapter_share": one_b_adapter / one_b["total_bytes"]},
     }
+    if one_b_run:
+        result["llama32_1b_shape_measured"] = {
+            "decode_tok_s_cpu_median": one_b_run["cpu"], "decode_tok_s_wall_median": one_b_run["wall"],
+            "ratios_cpu": ratios(one_b_run["cpu"]), "ratios_wall": ratios(one_b_run["wall"]),
+            "bytes": {**one_b_run["sizes"], "adapter_file": one_b_run["adapter_file"].stat().st_size}}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
