@@ -142,7 +142,9 @@ def test_bandwidth_against_probed_host(int4_bundle, unprobed_host):
     host = replace(builtin_profiles()["host"], memory_bandwidth_gbs=2.5, sources={**builtin_profiles()["host"].sources, **measured})
     write_host_profile(host)
     res = bench(int4_bundle, BenchOptions(prompt_tokens=8, new_tokens=5, repeat=1), progress=False)
-    assert res.quant.startswith("int4 b16")  # the int4 default block
+    from edgellama.quantize.onnx_weights import MIXED_BLOCK
+
+    assert res.quant.startswith(f"int4 b{MIXED_BLOCK}")  # the int4 default block
     assert res.host_bandwidth_gbs == 2.5
     assert res.achieved_bandwidth_gbs == pytest.approx(res.read_bytes_per_token * res.decode_tok_s / 1e9)
     assert res.bandwidth_utilisation == pytest.approx(res.achieved_bandwidth_gbs / 2.5)
