@@ -79,12 +79,10 @@ def int4_bundle_bytes(arch: dict, context: int, tokenizer_bytes: int) -> dict:
     from edgellama.quantize.packing import matmul_nbits
     from edgellama.runtime.adapters import PROJECTIONS, projection_shape
 
-    from edgellama.quantize.onnx_weights import INT8_SHARE
-
     cfg = LlamaConfig.from_hf(arch)
+    # Unranked, the emitter gives the int8 down_proj share to the outermost layers; the export ranks
+    # them by kurtosis instead, but for sizing only the count matters.
     em, _ = make_emitter(cfg, {"bits": 4}, form="fast", fallback=FloatWeights())
-    # The export ranks down_proj layers by their weights' kurtosis; for sizing only the count matters.
-    em.int8_layers["down_proj"] = set(range(round(INT8_SHARE["down_proj"] * cfg.num_hidden_layers)))
     rng = np.random.default_rng(0)
     per_row: dict[tuple[int, int, int], float] = {}
     scale_bytes = np.dtype(em.opts.scale_dtype).itemsize

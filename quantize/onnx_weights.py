@@ -97,7 +97,7 @@ class QuantOptions:
 # (docs/quantization.md) and for speed (docs/performance.md): int4 in blocks of 32, q/k in blocks
 # of QK_BLOCK, and int8 (blocks of INT8_BLOCK) for v_proj, o_proj, the embedding/lm_head and
 # down_proj in this share of the layers, those with the heaviest-tailed weights (rank_layers).
-# Without a ranking, llama.cpp's layer-index heuristic below decides. Block 16 everywhere scored
+# Without a ranking (an emitter used on its own), the same share goes to the outermost layers. Block 16 everywhere scored
 # better (KLD 0.067 against 0.073) but MatMulNBits runs it ~1.5x slower per weight than block 32
 # and unpacks it to twice the memory; int8 b32 runs faster than int4 b16.
 MIXED_BLOCK = 32
@@ -105,11 +105,6 @@ QK_BLOCK = 16  # q/k gain most from small blocks per byte: 0.0885 -> 0.0743 for 
 INT8_BLOCK = 32
 INT8_SHARE = {"down_proj": 0.3}
 INT8_ALWAYS = ("v_proj", "o_proj")  # the most sensitive weights per byte (small under GQA, for v)
-
-
-def use_more_bits(layer: int, n_layers: int) -> bool:
-    """Layers whose down projections matter most: the first and last eighth, and every third between."""
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
 class QuantizedWeights:
@@ -122,7 +117,7 @@ class QuantizedWeights:
         self.act_scales = act_scales or {}
         self.act_inputs = act_inputs or {}
         self._hessians: dict[int, np.ndarray] = {}
-        self.int8_layers: dict[str, set[int]] = {}  # leaf -> layers, set by rank_layers; else use_more_bits
+        self.int8_layers: dict[str, set[int]] = {}  # leaf -> layers, set by rank_layers
         self.fast = form == "fast"
         self.tensor_bits: dict[str, int] = {}
         self._tied_table: dict[str, str] | None = None
@@ -138,10 +133,12 @@ class QuantizedWeights:
             if parts[-1] in INT8_ALWAYS:
                 return 8
             layer, leaf = int(parts[2]), parts[-1]
+            if leaf in INT8_SHARE and leaf not in self.int8_layers:
+                # Unranked: one policy, one size. The first and last layers are the usual outliers.
+                n = self.cfg.num_hidden_layers
+                self.rank_layers(leaf, {i: -min(i, n - 1 - i) for i in range(n)})
             if leaf in self.int8_layers:
                 return 8 if layer in self.int8_layers[leaf] else 4
-            if leaf == "down_proj":
-                return 8 if use_more_bits(layer, self.cfg.num_hidden_layers) else 4
         return 4
 
     def rank_layers(self, leaf: str, scores: dict[int, float]) -> None:

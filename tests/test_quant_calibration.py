@@ -159,3 +159,26 @@ def test_gptq_needs_a_text(exported, tmp_path, capsys):
     assert r.code == 0, r.err
     q = read_manifest(tmp_path / "g").quantization
     assert q["method"] == "gptq" and q["calibration"] == "calib.txt"
+
+
+def test_the_int8_share_is_the_same_size_ranked_or_not():
+    """An emitter used on its own (no kurtosis ranking) keeps as many int8 down_proj layers as the export's."""
+    from types import SimpleNamespace
+
+    from edgellama.quantize.onnx_weights import INT8_SHARE
+
+    n = 30
+    cfg = SimpleNamespace(num_hidden_layers=n)
+
+    def int8_layers(em):
+        return [i for i in range(n) if em.bits_for(f"model.layers.{i}.mlp.down_proj") == 8]
+
+    opts = QuantOptions.from_dict({"bits": 4})
+    unranked = int8_layers(QuantizedWeights(cfg, opts, "fast", None))
+    ranked_em = QuantizedWeights(cfg, opts, "fast", None)
+    ranked_em.rank_layers("down_proj", {i: float((i * 7) % n) for i in range(n)})
+    ranked = int8_layers(ranked_em)
+    assert len(unranked) == len(ranked) == round(INT8_SHARE["down_proj"] * n) > 0
+    outermost = sorted(range(n), key=lambda i: (min(i, n - 1 - i), i))[:len(unranked)]
+    assert unranked == sorted(outermost) and {0, n - 1} <= set(unranked)
+    assert ranked != unranked
