@@ -1,4 +1,4 @@
-"""A strict, lazy GGUF reader (header parsed by hand, tensor data through a numpy memmap).
+"""A strict, lazy GGUF reader (header parsed by hand through a numpy memmap; tensor data read on demand).
 
 Every count, length and shape in the header is checked against the bytes that are
 actually left in the file before anything is sized from it, so a lying header is
@@ -218,11 +218,18 @@ class GGUFFile:
                 raise EdgeLlamaError(f"{label}: tensors {a!r} and {b!r} overlap")
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as rows (a read-only memmap view, nothing copied)."""
+        """The tensor's bytes as rows, read when asked. Read, not a view of the mapping: mapped pages
+        stay in this process's RSS for as long as the mapping lives (the header parse touches only
+        its own), so a large checkpoint would be carried to the end of an export."""
         t = self.tensors[name]
         block, type_size = GGML_QUANT_SIZES[t.qtype]
         row_bytes = t.ne[0] // block * type_size
-        return self._mm[t.offset:t.offset + t.nbytes].reshape(*t.shape[:-1], row_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            data = np.fromfile(f, dtype=np.uint8, count=t.nbytes)
+        if data.size != t.nbytes:
+            raise EdgeLlamaError(f"{self.path.name}: tensor {name!r} is truncated")
+        return data.reshape(*t.shape[:-1], row_bytes)
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as float32 in numpy order (a HF [out, in] weight comes back [out, in])."""

@@ -295,7 +295,8 @@ def test_k_quants_match_ggml_formula(tmp_path, qtype, ref, scale_at):
     w.close()
     f = GGUFFile(tmp_path / "k.gguf")
     assert f.tensors["w"].qtype == qtype and f.tensors["w"].ne == (blocks_per_row * block, rows)
-    assert isinstance(f.raw("w"), np.memmap)  # lazy: a view on the file until dequantized
+    # Read on demand into memory of its own (a mapping would keep the file's pages in RSS).
+    assert not isinstance(f.raw("w"), np.memmap) and f.raw("w").tobytes() == raw.tobytes()
     got = f.get("w")
     want = np.stack([np.concatenate([ref(raw[r, b].tobytes()) for b in range(blocks_per_row)]) for r in range(rows)])
     assert got.shape == (rows, blocks_per_row * block)
