@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from edgellama.errors import EdgeLlamaError
+from edgellama.export.sources import DerivedStore
 
 CALIB_MAX_TOKENS = 2048  # enough for stable per-channel means; more only costs time
 RANDOM_TOKENS = 256  # the default, data-free calibration (512 scored the same on de-gridded SmolLM2, at twice the time)
@@ -117,17 +118,12 @@ def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
                        act_inputs={name: rows[key] for name, key in names.items() if key in rows})
 
 
-class ScaledTensors:
+class ScaledTensors(DerivedStore):
     """A TensorStore whose tensors are rescaled on the way out: columns multiplied, rows or gains divided."""
 
     def __init__(self, base, cols: dict[str, np.ndarray], rows: dict[str, np.ndarray], gains: dict[str, np.ndarray]):
-        self.base, self.cols, self.rows, self.gains = base, cols, rows, gains
-
-    def names(self) -> list[str]:
-        return self.base.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.base.shape(name)
+        super().__init__(base)
+        self.cols, self.rows, self.gains = cols, rows, gains
 
     def get(self, name: str) -> np.ndarray:
         t = self.base.get(name)

@@ -23,7 +23,7 @@ from edgellama import __version__
 from edgellama.errors import EdgeLlamaError
 from edgellama.export.config import LlamaConfig
 from edgellama.export.safetensors_io import SafetensorsFile, save_file
-from edgellama.export.sources import PICKLE_SUFFIXES, Source, TensorStore
+from edgellama.export.sources import PICKLE_SUFFIXES, DerivedStore, Source, TensorStore
 from edgellama.runtime import adapters as RA
 from edgellama.runtime import bundle as B
 
@@ -217,19 +217,13 @@ def _what(key: str) -> str:
     return "not a LoRA weight of a Llama q/k/v/o/gate/up/down projection"
 
 
-class MergedStore:
+class MergedStore(DerivedStore):
     """A TensorStore that adds the adapter's delta to each adapted projection as it is read."""
 
     def __init__(self, base: TensorStore, adapter: LoraAdapter):
-        self.base = base
+        super().__init__(base)
         self._deltas = {f"model.layers.{layer}.{_BLOCK_OF[proj]}.{proj}.weight": m
                         for (layer, proj), m in adapter.modules.items()}
-
-    def names(self) -> list[str]:
-        return self.base.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.base.shape(name)
 
     def get(self, name: str) -> np.ndarray:
         w = self.base.get(name)

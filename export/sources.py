@@ -30,6 +30,19 @@ class TensorStore(Protocol):
     def get(self, name: str) -> np.ndarray: ...  # float32
 
 
+class DerivedStore:
+    """A TensorStore that changes some of `base`'s tensors on the way out: names and shapes are the base's."""
+
+    def __init__(self, base: TensorStore):
+        self.base = base
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+
 @dataclass
 class Source:
     config: LlamaConfig

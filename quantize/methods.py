@@ -80,23 +80,19 @@ def quantize(
         symmetric = bits == 8
     w = check_weight(w, bits, block_size)
     sw = error_weights(act_scale, w.shape[1], block_size)
+    if method == "rtn":
+        params = lambda wb, _sw: minmax_params(wb, bits, symmetric)  # noqa: E731
+    elif method == "mse":
+        params = lambda wb, sw: mse_clip_params(wb, sw, bits, symmetric)  # noqa: E731
+    else:
+        params = lambda wb, sw: hqq_params(wb, sw, bits, symmetric)  # noqa: E731
     if hessian is not None:
         from edgellama.quantize.gptq import gptq_quantize
 
-        if method == "rtn":
-            params = lambda wb, _sw: minmax_params(wb, bits, symmetric)  # noqa: E731
-        elif method == "mse":
-            params = lambda wb, sw: mse_clip_params(wb, sw, bits, symmetric)  # noqa: E731
-        else:
-            params = lambda wb, sw: hqq_params(wb, sw, bits, symmetric)  # noqa: E731
         return gptq_quantize(w, hessian, bits, block_size, symmetric, params, sw, scale_dtype)
     if method == "rtn":
         # Round-to-nearest ignores act_scale: there is no search for it to weight.
         return quantize_rtn(w, bits, block_size, symmetric, scale_dtype)
-    if method == "mse":
-        params = lambda wb, sw: mse_clip_params(wb, sw, bits, symmetric)  # noqa: E731
-    else:
-        params = lambda wb, sw: hqq_params(wb, sw, bits, symmetric)  # noqa: E731
     return quantize_with(w, bits, block_size, symmetric, params, sw, scale_dtype)
 
 

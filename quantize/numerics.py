@@ -39,7 +39,8 @@ def _workers() -> int:
         return os.cpu_count() or 1
 
 
-_POOL = ThreadPoolExecutor(_workers(), thread_name_prefix="edgellama-quantize") if _workers() > 1 else None
+_WORKERS = _workers()
+_POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="edgellama-quantize") if _WORKERS > 1 else None
 
 
 @dataclass
