@@ -1,17 +1,19 @@
 """LoRA slots: a WeightEmitter wrapper that gives each adapted projection a low-rank side path fed by graph inputs.
 
-    y = inner.linear(x) + (x @ A^T) @ B^T        A: lora.{i}.{p}.A [r, K], B: lora.{i}.{p}.B [N, r]
+    y = inner.linear(x) + (x @ A^T) @ B^T        A: lora.{i}.{node}.A [r, K], B: lora.{i}.{node}.B [N, r]
 
 It wraps whatever emitter the export uses (float or quantized), so the base weights keep their
-precision and the adapter stays float32. The rank r is a symbolic dimension per projection: the
+precision and the adapter stays float32. The rank r is a symbolic dimension per slotted node: the
 runtime binds an adapter's own rank, or empty tensors (no adapter), which add exactly zero.
 
-A packed node (qkv_proj, gate_up_proj) keeps one base matmul; each part gets its own side path and
-the parts' deltas are concatenated in the packed order before the single Add. Slots therefore
-cover whole packed nodes: asking for q alone in a graph that packs q/k/v gives k and v slots too
-(empty unless an adapter fills them). Per-part inputs, rather than one block-diagonal B per packed
-node, keep the bytes read per token at the adapter's own size: on small models those bytes, not
-the extra nodes, are what decoding with an adapter pays for.
+A packed node (qkv_proj, gate_up_proj) keeps one base matmul and gets one side path too: its
+inputs `lora.{i}.qkv_proj.A` [r_q + r_k + r_v, K] (the parts' A stacked) and `.B` [N_q + N_k + N_v,
+r_q + r_k + r_v] (their B on the block diagonal), which the runtime assembles from the per-projection
+adapter file (runtime/adapters.py, slot_feeds). The manifest's extras["lora_slots"]["groups"] says
+which projections each packed input holds. Slots therefore cover whole packed nodes: asking for q
+alone in a graph that packs q/k/v gives k and v slots too (empty unless an adapter fills them).
+Why one path per node, although the block-diagonal B reads up to 3x its parts' bytes: 12 side-path
+nodes per layer instead of 20 measured faster on SmolLM2 and on the 1B shape (docs/specialists.md).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class LoraSlots:
         self.inner, self.rank, self.targets, self.fast = inner, rank, set(targets), form == "fast"
         self.extra_inputs: list[B.TensorSpec] = []  # picked up by build_llama_graph after the layer loop
         self.slotted: set[str] = set()
+        self.groups: dict[str, list[str]] = {}  # packed node -> the projections its one slot pair holds
 
     def __getattr__(self, name):  # summary(), tensor_bits, ...: whatever the wrapped emitter offers
         return getattr(self.inner, name)
@@ -66,15 +69,14 @@ class LoraSlots:
         parts = [(p.rsplit(".", 1)[-1], n) for p, n in parts or [(name, w.shape[0])]]
         if not m or not self.targets & {proj for proj, _ in parts}:
             return y
-        layer, k = int(m[1]), w.shape[1]
-        deltas = []
-        for proj, n in parts:
-            self.slotted.add(proj)
-            a, b, r = (RA.slot_input(layer, proj, which) for which in ("A", "B", "rank"))
-            self.extra_inputs += [B.TensorSpec(a, "float32", [r, k]), B.TensorSpec(b, "float32", [n, r])]
-            tag = f"/model/layers.{layer}/lora/{proj}"
-            deltas.append(self._matmul_t(g, self._matmul_t(g, x, a, f"{tag}/A"), b, f"{tag}/B"))
-        delta = deltas[0] if len(deltas) == 1 else g.node("Concat", deltas, name=f"{name}/lora/Concat", axis=-1)
+        layer, k, group = int(m[1]), w.shape[1], name.rsplit(".", 1)[-1]
+        self.slotted.update(proj for proj, _ in parts)
+        if len(parts) > 1:
+            self.groups[group] = [proj for proj, _ in parts]
+        a, b, r = (RA.slot_input(layer, group, which) for which in ("A", "B", "rank"))
+        self.extra_inputs += [B.TensorSpec(a, "float32", [r, k]), B.TensorSpec(b, "float32", [w.shape[0], r])]
+        tag = f"/model/layers.{layer}/lora/{group}"
+        delta = self._matmul_t(g, self._matmul_t(g, x, a, f"{tag}/A"), b, f"{tag}/B")
         return g.node("Add", [y, delta], name=f"{name}/lora/Add")
 
     def _matmul_t(self, g, x: str, w: str, name: str) -> str:
@@ -87,7 +89,10 @@ class LoraSlots:
 
     def record(self) -> dict:
         """The manifest's extras["lora_slots"]: the largest rank an adapter may bring, and where it may act."""
-        return {"rank": self.rank, "targets": [p for p in RA.PROJECTIONS if p in self.slotted]}
+        rec = {"rank": self.rank, "targets": [p for p in RA.PROJECTIONS if p in self.slotted]}
+        if self.groups:
+            rec["groups"] = dict(sorted(self.groups.items()))
+        return rec
 
 
 def input_scales(tensors, n_layers: int, projections: list[str]) -> dict[str, np.ndarray]:

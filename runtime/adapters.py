@@ -1,14 +1,15 @@
 """Swappable LoRA adapters on the device: the adapter file, and how it feeds a bundle's LoRA slots.
 
-A bundle exported with `--lora-slots R` has, for projection p of layer i, two float32 graph inputs
-`lora.{i}.{p}.A` [r, K] and `lora.{i}.{p}.B` [N, r] and computes y = x @ W^T + (x @ A^T) @ B^T.
-The rank r is a symbolic dimension of its own (`lora.{i}.{p}.rank`), so what is bound decides it:
-an adapter binds its own rank (at most R, the slots the manifest promises), a projection it leaves
-alone and a bundle with no adapter at all bind empty [0, K] / [N, 0] tensors, which add exactly
-zero at almost no cost.
+A bundle exported with `--lora-slots R` has, for each adapted matmul node of layer i (a projection,
+or a packed node such as qkv_proj), two float32 graph inputs `lora.{i}.{node}.A` [r, K] and
+`lora.{i}.{node}.B` [N, r], and computes y = x @ W^T + (x @ A^T) @ B^T. The rank r is a symbolic
+dimension of its own (`lora.{i}.{node}.rank`), so what is bound decides it: an adapter binds its
+own rank (at most R per projection, the slots the manifest promises), a node it leaves alone and a
+bundle with no adapter at all bind empty [0, K] / [N, 0] tensors, which add exactly zero.
 
-An adapter file is a safetensors file whose tensors are those inputs, B already multiplied by the
-LoRA scale; its metadata entry "edgellama.adapter" (JSON) pins the base bundle it was made for.
+An adapter file is a safetensors file with one pair per projection, `lora.{i}.{proj}.A` and `.B`,
+B already multiplied by the LoRA scale; slot_feeds turns them into the graph's inputs. Its metadata
+entry "edgellama.adapter" (JSON) pins the base bundle it was made for.
 
 numpy only: this ships to devices.
 """
@@ -176,7 +177,12 @@ def check_adapter(adapter: AdapterFile, manifest: B.Manifest) -> None:
 def slot_feeds(manifest: B.Manifest, tensors: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] | None = None
                ) -> dict[str, np.ndarray]:
     """Every LoRA input of the bundle: the adapter's tensors where it has them, empty tensors elsewhere
-    (all of them for tensors=None), since a rank-0 side path adds exactly nothing."""
+    (all of them for tensors=None), since a rank-0 side path adds exactly nothing.
+
+    A packed node's inputs (extras["lora_slots"]["groups"], e.g. qkv_proj: q, k, v) get its parts'
+    A stacked and their B on the block diagonal, so one side path computes every part's delta."""
+    groups = (manifest.extras.get("lora_slots") or {}).get("groups") or {}
+    tensors = tensors or {}
     feeds: dict[str, np.ndarray] = {}
     for spec in manifest.graph.inputs:
         if not spec.name.startswith(INPUT_PREFIX):
@@ -184,11 +190,25 @@ def slot_feeds(manifest: B.Manifest, tensors: dict[tuple[int, str], tuple[np.nda
         m = _TENSOR.match(spec.name)
         if not m:
             raise EdgeLlamaError(f"the bundle has an unexpected LoRA input {spec.name!r}")
-        pair = (tensors or {}).get((int(m[1]), m[2]))
-        if pair is not None:
-            feeds[spec.name] = np.ascontiguousarray(pair["AB".index(m[3])], dtype=np.float32)
-        else:
+        layer, node, which = int(m[1]), m[2], m[3]
+        parts = groups.get(node, [node])
+        rows = [projection_shape(manifest.architecture, p)[0] if len(parts) > 1 else None for p in parts]
+        pairs = [tensors.get((layer, p)) for p in parts]
+        if all(pair is None for pair in pairs):
             feeds[spec.name] = np.zeros([0 if isinstance(d, str) else d for d in spec.shape], np.float32)
+        elif which == "A":
+            feeds[spec.name] = np.ascontiguousarray(np.concatenate([a for a, _ in filter(None, pairs)]), np.float32)
+        elif len(parts) == 1:
+            feeds[spec.name] = np.ascontiguousarray(pairs[0][1], np.float32)
+        else:
+            ranks = [0 if pair is None else pair[0].shape[0] for pair in pairs]
+            b = np.zeros((sum(rows), sum(ranks)), np.float32)
+            r0 = c0 = 0
+            for pair, n, r in zip(pairs, rows, ranks):
+                if pair is not None:
+                    b[r0:r0 + n, c0:c0 + r] = pair[1]
+                r0, c0 = r0 + n, c0 + r
+            feeds[spec.name] = b
     return feeds
 
 

@@ -3,6 +3,7 @@ a --lora-slots bundle (against the merged bundles), with every unsupported varia
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import shutil
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgellama.errors import EdgeLlamaError
@@ -26,6 +28,7 @@ from edgellama.runtime.sampling import SamplingParams
 from helpers import HEAVY_MODULES, assert_one_line_error, hf_logits, random_ids, run_cli, write_hf_folder
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PACKED = {"gate_up_proj": ["gate_proj", "up_proj"], "qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 TOL = 1e-3
 CTX = 256  # the context of the shared `exported` fixture bundles, so plain and slots bundles match in everything else
 
@@ -145,12 +148,36 @@ def test_slots_without_an_adapter_are_the_plain_bundle(lora, exported):
     plain = exported("gqa4")
     np.testing.assert_allclose(engine_trace(lora.slots, lora.ids), engine_trace(plain.dir, lora.ids), rtol=0, atol=1e-6)
     m = B.read_manifest(lora.slots)
-    assert m.extras["lora_slots"] == {"rank": 16, "targets": SEVEN}
+    assert m.extras["lora_slots"] == {"rank": 16, "targets": SEVEN, "groups": PACKED}
     lora_inputs = {s.name: s.shape for s in m.graph.inputs if s.name.startswith("lora.")}
-    assert len(lora_inputs) == 2 * 7 * 2  # A and B, seven projections, two layers
-    assert lora_inputs["lora.1.k_proj.A"] == ["lora.1.k_proj.rank", 64]
-    assert lora_inputs["lora.1.k_proj.B"] == [32, "lora.1.k_proj.rank"]
+    assert len(lora_inputs) == 2 * 4 * 2  # A and B, four matmul nodes (two of them packed), two layers
+    assert lora_inputs["lora.1.qkv_proj.A"] == ["lora.1.qkv_proj.rank", 64]
+    assert lora_inputs["lora.1.qkv_proj.B"] == [128 + 2 * 32, "lora.1.qkv_proj.rank"]
     assert lora_inputs["lora.0.down_proj.A"] == ["lora.0.down_proj.rank", 128]
+    # One side path per node: an A and a B matmul and an Add, nothing else
+    ops = collections.Counter(n.op_type for n in onnx.load(lora.slots / "model.onnx", load_external_data=False).graph.node
+                              if "/lora/" in n.name)
+    assert ops == {"FusedMatMul": 2 * 4 * 2, "Add": 4 * 2}
+
+
+def test_packed_slots_hold_each_part_on_the_block_diagonal(lora):
+    """A packed node's inputs are its parts' A stacked and B on the block diagonal; a part the adapter
+    leaves alone takes no rank and no rows' worth of delta."""
+    from edgellama.runtime.adapters import slot_feeds
+
+    m = B.read_manifest(lora.slots)
+    rng = np.random.default_rng(0)
+    q = (rng.standard_normal((3, 64)).astype(np.float32), rng.standard_normal((128, 3)).astype(np.float32))
+    v = (rng.standard_normal((5, 64)).astype(np.float32), rng.standard_normal((32, 5)).astype(np.float32))
+    feeds = slot_feeds(m, {(1, "q_proj"): q, (1, "v_proj"): v})
+    a, b = feeds["lora.1.qkv_proj.A"], feeds["lora.1.qkv_proj.B"]
+    assert a.shape == (8, 64) and b.shape == (192, 8)
+    x = rng.standard_normal(64).astype(np.float32)
+    delta = b @ (a @ x)
+    np.testing.assert_allclose(delta[:128], q[1] @ (q[0] @ x), rtol=1e-5, atol=1e-5)
+    assert not delta[128:160].any()  # k
+    np.testing.assert_allclose(delta[160:], v[1] @ (v[0] @ x), rtol=1e-5, atol=1e-5)
+    assert feeds["lora.0.qkv_proj.A"].shape == (0, 64) and feeds["lora.1.gate_up_proj.B"].shape == (2 * 128, 0)
 
 
 def test_swapped_adapters_match_the_merged_bundles(lora, exported):
@@ -187,7 +214,8 @@ def test_partial_targets_and_packed_parts(lora, tmp_path):
     folder = tmp_path / "qv"
     peft_merged = make_peft_adapter(lora.base.hf, folder, seed=5, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     bundle = export(lora.base.folder, tmp_path / "portable", form="portable", lora_slots=8, lora_targets=["q", "v"])
-    assert B.read_manifest(bundle).extras["lora_slots"] == {"rank": 8, "targets": ["q_proj", "k_proj", "v_proj"]}
+    assert B.read_manifest(bundle).extras["lora_slots"] == {"rank": 8, "targets": ["q_proj", "k_proj", "v_proj"],
+                                                            "groups": {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}}
     out = write_adapter_file(folder, bundle, tmp_path / "qv.safetensors").out
     got = engine_trace(bundle, lora.ids, adapter=Path(out))
     np.testing.assert_allclose(got, hf_logits(peft_merged, lora.ids)[0, 5:], atol=TOL)
