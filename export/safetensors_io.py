@@ -118,14 +118,26 @@ class SafetensorsFile:
         if arr.size * size != info.end - info.start:
             raise EdgeLlamaError(f"{self.path.name}: tensor {name!r} is truncated")
         arr = arr.reshape(info.shape)
-        if info.dtype == "BF16":  # widened in one uint32 array, shifted in place
-            wide = arr.astype(np.uint32)
-            del arr
-            wide <<= 16
-            return wide.view(np.float32)
+        if info.dtype == "BF16":
+            return _widen_bf16(arr)
         if arr.dtype.kind == "f" and arr.dtype != np.float32:
             return arr.astype(np.float32)
         return arr
+
+
+def _widen_bf16(raw: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float32. torch's conversion when torch is there (the exporter's case):
+    measured 8x faster than numpy's on this machine's fresh pages (the 1B shape's checkpoint: 7 s of
+    widening per full read), most of numpy's time being page faults on its huge-page-advised output."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        return torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
+    wide = raw.astype(np.uint32)  # numpy has no bfloat16: widen the bits, then shift them into place
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
