@@ -68,14 +68,8 @@ def _group(name: str) -> str:
     return name
 
 
-def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
-              log: Callable[[str], None] = lambda m: None) -> Calibration:
-    """Run the torch reference over the calibration tokens, one layer at a time, and collect
-    per-linear input statistics. Peak memory is one layer plus the activations, not the model."""
-    import torch
-
-    from edgellama.export.model import stream_hidden
-
+def calibration_batch(src, text_file: Path | None = None) -> tuple[np.ndarray, str]:
+    """The calibration tokens as one batch [b, s] of whole windows (BOS first), and what they are."""
     cfg = src.config
     if text_file is not None:
         ids, source = text_ids(src, Path(text_file)), Path(text_file).name
@@ -88,38 +82,70 @@ def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
     if len(ids) > window:
         ids = ids[: len(ids) // window * window]  # whole windows only: one batch, one mask
     s = min(window, len(ids))
-    batch = torch.tensor(ids).reshape(-1, s)
+    return np.asarray(ids, np.int64).reshape(-1, s), source
 
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, np.ndarray] = {}
-    names: dict[str, str] = {}
 
-    def record(name: str, x: torch.Tensor) -> None:
+class Recorder:
+    """Forward pre-hooks on a block's linears: per-channel sums of |x| and (for GPTQ) the first rows of x."""
+
+    def __init__(self, keep_inputs: bool):
+        self.keep_inputs = keep_inputs
+        self.sums: dict[str, "torch.Tensor"] = {}
+        self.rows: dict[str, np.ndarray] = {}
+        self.names: dict[str, str] = {}  # linear -> its group's record
+
+    def record(self, name: str, x) -> None:
         key = _group(name)
-        names[name] = key
-        if key in sums:
+        self.names[name] = key
+        if key in self.sums:
             return  # another member of the group already recorded this same input
         x = x.detach().reshape(-1, x.shape[-1])
-        sums[key] = x.abs().double().sum(0)
-        if keep_inputs:
-            rows[key] = x[:INPUT_ROWS].float().numpy().copy()
+        self.sums[key] = x.abs().double().sum(0)
+        if self.keep_inputs:
+            self.rows[key] = x[:INPUT_ROWS].float().numpy().copy()
 
-    def hook_linears(prefix: str, block) -> None:
-        for name, m in block.named_modules():
-            if isinstance(m, torch.nn.Linear):
-                m.register_forward_pre_hook(lambda mod, inp, n=prefix + name: record(n, inp[0]))
+    def hook(self, prefix: str, block) -> list:
+        import torch
 
-    record("lm_head", stream_hidden(src, batch, on_block=hook_linears))
-    n = batch.numel()
+        return [m.register_forward_pre_hook(lambda mod, inp, n=prefix + name: self.record(n, inp[0]))
+                for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def take(self, names: list[str], n_tokens: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(act_scales, act_inputs) of these linears, as calibrate() reports them."""
+        scales, inputs, per_key = {}, {}, {}
+        for name in names:
+            key = self.names.get(name)
+            if key is None:
+                continue
+            if key not in per_key:  # one array per group, shared by its members
+                per_key[key] = (self.sums[key] / n_tokens).float().numpy()
+            scales[name] = per_key[key]
+            if key in self.rows:
+                inputs[name] = self.rows[key]
+        return scales, inputs
+
+
+def calibrate(src, text_file: Path | None = None, *, keep_inputs: bool = True,
+              log: Callable[[str], None] = lambda m: None) -> Calibration:
+    """Run the torch reference over the calibration tokens, one layer at a time, and collect
+    per-linear input statistics. Peak memory is one layer plus the activations, not the model."""
+    import torch
+
+    from edgellama.export.model import stream_hidden
+
+    batch, source = calibration_batch(src, text_file)
+    rec = Recorder(keep_inputs)
+    rec.record("lm_head", stream_hidden(src, torch.from_numpy(batch), on_block=rec.hook))
+    n = batch.size
     log(f"calibration: {n} tokens ({source})")
-    scales = {key: (v / n).float().numpy() for key, v in sums.items()}
-    return Calibration(source=source, tokens=n,
-                       act_scales={name: scales[key] for name, key in names.items()},
-                       act_inputs={name: rows[key] for name, key in names.items() if key in rows})
+    scales, inputs = rec.take(list(rec.names), n)
+    return Calibration(source=source, tokens=n, act_scales=scales, act_inputs=inputs)
 
 
 class ScaledTensors(DerivedStore):
     """A TensorStore whose tensors are rescaled on the way out: columns multiplied, rows or gains divided."""
+
+    fresh_arrays = True
 
     def __init__(self, base, cols: dict[str, np.ndarray], rows: dict[str, np.ndarray], gains: dict[str, np.ndarray]):
         super().__init__(base)
@@ -154,43 +180,56 @@ def rank_int8_layers(src, emitter) -> None:
     emitter.rank_layers("down_proj", scores)
 
 
+def smoothing_groups(cfg, emitter, layer: int | None) -> list[tuple[list[str], str, str]]:
+    """The linears that share one input, how 1/s is folded into what produced it ("gains": a norm's
+    gain; "rows": up_proj's rows), and that producer: a decoder layer's, or (layer None) the lm_head's."""
+    if layer is None:
+        untied = not cfg.tie_word_embeddings and emitter.opts.lm_head != "keep"
+        return [(["lm_head"], "gains", "model.norm.weight")] if untied else []
+    p = f"model.layers.{layer}"
+    return [([f"{p}.self_attn.{c}_proj" for c in "qkv"], "gains", f"{p}.input_layernorm.weight"),
+            ([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "gains", f"{p}.post_attention_layernorm.weight"),
+            ([f"{p}.mlp.down_proj"], "rows", f"{p}.mlp.up_proj.weight")]
+
+
+def smooth_group(emitter, names: list[str], how: str, target: str, present: set[str],
+                 cols: dict[str, np.ndarray], folds: dict[str, dict[str, np.ndarray]]) -> bool:
+    """Choose one group's scales from its calibration statistics, record where they fold
+    (cols: the linears' weights; folds[how]: the producer), and rescale the emitter's statistics
+    to the smoothed inputs. False when the group has no statistics, or a biased producer whose
+    bias would need rescaling too."""
+    from edgellama.quantize.smoothing import channel_scales
+
+    x, act = emitter.act_inputs.get(names[0]), emitter.act_scales.get(names[0])
+    if act is None or (how == "rows" and target.replace(".weight", ".bias") in present):
+        return False
+    s = channel_scales(act)
+    for n in names:
+        cols[n + ".weight"] = s
+    folds[how][target] = s
+    xs, acts = (None if x is None else x / s), act / s
+    for n in names:
+        emitter.act_scales[n] = acts
+        if xs is not None:
+            emitter.act_inputs[n] = xs
+    return True
+
+
 def smooth_source(src, emitter, log: Callable[[str], None] = lambda m: None):
     """The source with quantize/smoothing.py's per-channel scales folded in, and the emitter's
     calibration statistics rescaled to match. Returns (source, manifest record)."""
     from dataclasses import replace
 
-    from edgellama.quantize.smoothing import ALPHA, channel_scales
+    from edgellama.quantize.smoothing import ALPHA
 
     cfg = src.config
     cols: dict[str, np.ndarray] = {}
-    rows: dict[str, np.ndarray] = {}
-    gains: dict[str, np.ndarray] = {}
-    groups = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        groups += [([f"{p}.self_attn.{c}_proj" for c in "qkv"], gains, f"{p}.input_layernorm.weight"),
-                   ([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], gains, f"{p}.post_attention_layernorm.weight"),
-                   ([f"{p}.mlp.down_proj"], rows, f"{p}.mlp.up_proj.weight")]
-    if not cfg.tie_word_embeddings and emitter.opts.lm_head != "keep":
-        groups.append((["lm_head"], gains, "model.norm.weight"))
+    folds: dict[str, dict[str, np.ndarray]] = {"rows": {}, "gains": {}}
+    groups = [g for i in [*range(cfg.num_hidden_layers), None] for g in smoothing_groups(cfg, emitter, i)]
     present = set(src.tensors.names())
-    done = 0
-    for names, fold, target in groups:
-        x, act = emitter.act_inputs.get(names[0]), emitter.act_scales.get(names[0])
-        if act is None or (fold is rows and target.replace(".weight", ".bias") in present):
-            continue  # no statistics, or a biased producer whose bias would need rescaling too
-        s = channel_scales(act)
-        for n in names:
-            cols[n + ".weight"] = s
-        fold[target] = s
-        xs, acts = (None if x is None else x / s), act / s
-        for n in names:
-            emitter.act_scales[n] = acts
-            if xs is not None:
-                emitter.act_inputs[n] = xs
-        done += 1
+    done = sum(smooth_group(emitter, names, how, target, present, cols, folds) for names, how, target in groups)
     log(f"smoothing: {done}/{len(groups)} weight groups rescaled (alpha {ALPHA})")
     record = {"alpha": ALPHA, "groups": done}
     if not done:
         return src, record
-    return replace(src, tensors=ScaledTensors(src.tensors, cols, rows, gains)), record
+    return replace(src, tensors=ScaledTensors(src.tensors, cols, folds["rows"], folds["gains"])), record

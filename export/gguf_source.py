@@ -92,6 +92,8 @@ def _expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 class GGUFStore:
     """HF-named tensors of a GGUF file, dequantized to float32 one at a time."""
 
+    fresh_arrays = True  # every get() dequantizes into a new array
+
     def __init__(self, gguf: GGUFFile, hf_to_gguf: dict[str, str], config: LlamaConfig):
         self._file, self._names, self._config = gguf, hf_to_gguf, config
 

@@ -167,31 +167,65 @@ class Llama(nn.Module):
         return model.eval()
 
 
+class LayerStream:
+    """Token batches [b, s] carried through the decoder one layer at a time, every row from position 0.
+
+    The caller hands in each layer's weights in turn (run), so it decides when they are read and
+    dropped: stream_hidden reads them here, the exporter's one-pass build (layer_pass.py) shares
+    its own read with the graph. Peak memory is one layer plus the activations, not the model.
+    """
+
+    def __init__(self, cfg: LlamaConfig, embed: Tensor, batches: list[Tensor]):
+        self.cfg = cfg
+        inv = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
+        self.xs, self.ropes, self.masks = [], [], []
+        with torch.inference_mode():
+            for tokens in batches:
+                s = tokens.shape[1]
+                freqs = torch.arange(s)[None, None, :, None].float() * inv
+                emb = torch.cat((freqs, freqs), dim=-1)
+                self.xs.append(F.embedding(tokens, embed))
+                self.ropes.append((emb.cos(), emb.sin()))
+                self.masks.append(torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None])
+
+    def run(self, weights: dict[str, Tensor], on_block=None) -> None:
+        """One decoder layer over every batch; `weights` by Block parameter name ("self_attn.q_proj.weight", ...).
+        on_block(block, batch index) is called before each batch runs (for forward hooks)."""
+        with torch.device("meta"):
+            block = Block(self.cfg)
+        block.load_state_dict(weights, assign=True)
+        with torch.inference_mode():
+            for j, (x, (cos, sin), mask) in enumerate(zip(self.xs, self.ropes, self.masks)):
+                handles = on_block(block, j) if on_block is not None else []
+                self.xs[j], _ = block(x, cos, sin, mask, None)
+                for h in handles or []:
+                    h.remove()
+
+    def final(self, norm_weight: Tensor) -> list[Tensor]:
+        """The final-norm hidden states [b, s, hidden] of every batch."""
+        norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
+        norm.weight = nn.Parameter(norm_weight, requires_grad=False)
+        with torch.inference_mode():
+            return [norm(x) for x in self.xs]
+
+
+def block_parameter_names(cfg: LlamaConfig) -> list[str]:
+    with torch.device("meta"):
+        return [k for k, _ in Block(cfg).named_parameters()]
+
+
 def stream_hidden(source, tokens: Tensor, on_block=None) -> Tensor:
     """Final-norm hidden states [b, s, hidden] of token ids [b, s], every row starting at position 0.
 
-    Loads one decoder layer at a time from `source.tensors` and drops it after use, so peak
-    memory is one layer plus activations, not the model. `on_block(prefix, block)` is called
-    with each layer before it runs (for forward hooks; they go with the block).
+    Loads one decoder layer at a time from `source.tensors` and drops it after use. `on_block(prefix,
+    block)` is called with each layer before it runs (for forward hooks; they go with the block).
     """
     cfg = source.config
     get = lambda name: torch.from_numpy(source.tensors.get(name))  # noqa: E731
-    s = tokens.shape[1]
-    with torch.inference_mode():
-        x = F.embedding(tokens, get("model.embed_tokens.weight"))
-        freqs = torch.arange(s)[None, None, :, None].float() * torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
-        for i in range(cfg.num_hidden_layers):
-            with torch.device("meta"):
-                block = Block(cfg)
-            prefix = f"model.layers.{i}."
-            block.load_state_dict({k: get(prefix + k) for k, _ in block.named_parameters()}, assign=True)
-            if on_block is not None:
-                on_block(prefix, block)
-            x, _ = block(x, cos, sin, mask, None)
-            del block
-        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        norm.weight = nn.Parameter(get("model.norm.weight"))
-        return norm(x)
+    stream = LayerStream(cfg, get("model.embed_tokens.weight"), [tokens])
+    names = block_parameter_names(cfg)
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        hook = None if on_block is None else (lambda block, _j, p=prefix: on_block(p, block))
+        stream.run({k: get(prefix + k) for k in names}, hook)
+    return stream.final(get("model.norm.weight"))[0]

@@ -1,7 +1,8 @@
 """Checkpoint -> verified ONNX bundle, written atomically.
 
-source --load_source--> Source --build_llama_graph--> model.onnx (+ data) --> tokenizer files,
-config.json, genai_config.json --> parity check against the torch model --> edgellama.json --> rename.
+source --load_source--> Source --LayerPass (one read: calibration, smoothing, reference logits)
+--build_llama_graph--> model.onnx (+ data) --> tokenizer files, config.json, genai_config.json
+--> parity check against the reference logits --> edgellama.json --> rename.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from edgellama import __version__
 from edgellama.errors import EdgeLlamaError
 from edgellama.export.config import LlamaConfig
+from edgellama.export.layer_pass import LayerPass
 from edgellama.export.onnx_graph import INLINE_LIMIT, OPSET, FloatWeights, GraphOptions, WeightSink, build_llama_graph, save_graph
 from edgellama.export.sources import Source, load_source
 from edgellama.export.tokenizer_prep import PreparedTokenizer, prepare_tokenizer
@@ -157,22 +159,27 @@ def export_onnx(
     tok = prepare_tokenizer(src, cfg, warn)
     emitter = None
     quant_info = None
+    calib_batch = None
     if opts.quant:
         from edgellama.quantize.onnx_weights import make_emitter  # export -> quantize, never the reverse
 
         quant = dict(opts.quant)
         calib = quant.pop("calib", None)
         emitter, quant_info = make_emitter(cfg, quant, form=opts.form, fallback=FloatWeights())
-        _calibrate(src, emitter, quant_info, calib, log)  # after make_emitter has vetted the options
+        calib_batch = _calibration_batch(src, emitter, quant_info, calib, log)  # after make_emitter vetted the options
         if emitter.opts.mixed:
             from edgellama.export.calibration import rank_int8_layers
 
             rank_int8_layers(src, emitter)
-        if emitter.opts.smooth and emitter.act_scales:
-            # Under LoRA slots too: the scales go into the bundle, and adapter files fold them into A.
-            from edgellama.export.calibration import smooth_source
+    verify_ids = None
+    if opts.verify:
+        from edgellama.export.verify import verification_ids
 
-            src, quant_info["smoothing"] = smooth_source(src, emitter, log)
+        verify_ids = verification_ids(tok.tokenizer_json, tok.tokens, cfg.vocab_size, ctx)
+    # One read of the checkpoint serves calibration, smoothing (under LoRA slots too: the scales go
+    # into the bundle, and adapter files fold them into A), the graph and the verification reference.
+    tensors = LayerPass(src, emitter, calib=calib_batch, keep_inputs=bool(emitter and emitter.opts.gptq),
+                        smooth=bool(emitter and emitter.opts.smooth), verify=verify_ids)
     # Before anything is built: a bundle meant for a device it would not fit fails here.
     devices = devices_hint(cfg.to_hf(), opts.dtype, asdict(emitter.opts) if emitter else None, ctx, opts.device)
 
@@ -186,11 +193,16 @@ def export_onnx(
         external = _estimate_bytes(cfg, opts.dtype) > INLINE_LIMIT
         sink = WeightSink(tmp / B.ONNX_DATA if external else None)
         try:
-            result = build_llama_graph(cfg, src.tensors.get, gopts, sink, graph_emitter,
+            result = build_llama_graph(cfg, tensors.get, gopts, sink, graph_emitter,
                                        progress=lambda i, n: log(f"export: layer {i}/{n}") if n >= 8 and i % 10 == 0 else None)
         finally:
             sink.close()
         save_graph(result, tmp)
+        if tensors.groups:
+            from edgellama.quantize.smoothing import ALPHA
+
+            quant_info["smoothing"] = {"alpha": ALPHA, "groups": tensors.smoothed}
+            log(f"smoothing: {tensors.smoothed}/{tensors.groups} weight groups rescaled (alpha {ALPHA})")
         if emitter is not None:
             quant_info = {**emitter.summary(), **quant_info}
         del result.model
@@ -212,7 +224,7 @@ def export_onnx(
             from edgellama.export.safetensors_io import save_file
 
             manifest.extras["lora_slots"] = graph_emitter.record()
-            scales = input_scales(src.tensors, cfg.num_hidden_layers, sorted(graph_emitter.slotted))
+            scales = input_scales(tensors, cfg.num_hidden_layers, sorted(graph_emitter.slotted))
             if scales:
                 save_file(scales, tmp / INPUT_SCALES_FILE)
                 manifest.extras["lora_slots"]["input_scales"] = INPUT_SCALES_FILE
@@ -223,7 +235,7 @@ def export_onnx(
         if opts.verify:
             from edgellama.export.verify import verify_onnx_bundle
 
-            verification = verify_onnx_bundle(tmp, manifest, src, log=log)
+            verification = verify_onnx_bundle(tmp, manifest, verify_ids, tensors.reference_logits, log=log)
             manifest.extras["verification"] = verification
         if opts.ort_format:
             from edgellama.export.ort_format import write_ort_format
@@ -235,24 +247,24 @@ def export_onnx(
                         verification=verification, warnings=warnings)
 
 
-def _calibrate(src, emitter, quant_info: dict[str, Any], calib, log: Callable[[str], None]) -> None:
-    """Hand the emitter calibration statistics when its options or `calib` want them.
+def _calibration_batch(src, emitter, quant_info: dict[str, Any], calib, log: Callable[[str], None]) -> np.ndarray | None:
+    """The tokens to calibrate on during the build, when the emitter's options or `calib` want statistics.
 
     GPTQ needs a text (and keeps the inputs themselves); smoothing needs only per-channel
     magnitudes and calibrates on seeded random tokens unless given a text.
     """
-    from edgellama.export.calibration import calibrate
+    from edgellama.export.calibration import calibration_batch
 
     o = emitter.opts
     if emitter.act_scales:  # statistics handed in directly
-        return
+        return None
     if calib is None and o.gptq:
         raise EdgeLlamaError("--method gptq needs a calibration text (--calib FILE): random tokens mislead it")
     if calib is None and not o.smooth:
-        return
-    c = calibrate(src, calib, keep_inputs=o.gptq, log=log)
-    emitter.act_scales, emitter.act_inputs = dict(c.act_scales), dict(c.act_inputs)
-    quant_info["calibration"] = c.source
+        return None
+    batch, quant_info["calibration"] = calibration_batch(src, calib)
+    log(f"calibration: {batch.size} tokens ({quant_info['calibration']}), layer by layer during the build")
+    return batch
 
 
 def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[str, Any] | None, context: int,

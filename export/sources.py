@@ -28,6 +28,10 @@ class TensorStore(Protocol):
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def get(self, name: str) -> np.ndarray: ...  # float32
+    # Optional: fresh_arrays = True promises that get() returns a new array each call, which the
+    # caller may change in place (the export's LayerPass then scales weights without copying them).
+
+
 
 
 class DerivedStore:
@@ -41,6 +45,10 @@ class DerivedStore:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.base.shape(name)
+
+    @property
+    def fresh_arrays(self) -> bool:  # a wrapper that may pass the base's arrays through promises what the base does
+        return getattr(self.base, "fresh_arrays", False)
 
 
 @dataclass
@@ -57,6 +65,8 @@ class Source:
 
 class SafetensorsStore:
     """Tensors spread over one or more .safetensors files (sharded with an index, or not)."""
+
+    fresh_arrays = True  # every get() reads the file again
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, SafetensorsFile] = {}

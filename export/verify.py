@@ -1,12 +1,15 @@
 """The export checks itself: the graph against our torch reference, prefill then decode.
 
-The graph runs first (prompt, then greedy decode through its own KV cache); the reference then
-scores the whole sequence in one pass, streaming one layer's weights at a time, so verifying a
-large model never holds a second full copy of it.
+The reference logits of a fixed text come from the export's own pass over the checkpoint
+(layer_pass.LayerPass runs each layer over the text as it is read), so verifying costs no second
+read of the weights. The bundle then runs the same text: a prefill of all but the last
+DECODE_STEPS tokens, then one decode step per remaining token through its own KV cache
+(teacher-forced: every step sees the text's token, so each position compares like with like).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,17 +17,20 @@ import numpy as np
 
 from edgellama.runtime import bundle as B
 
-VERIFY_PROMPT = "The capital of France is Paris. The capital of Germany is"
+VERIFY_TEXT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
+DECODE_STEPS = 8
+MAX_TOKENS = 40
 
 
-def prompt_ids(bundle_dir: Path, manifest: B.Manifest, vocab_size: int) -> list[int]:
+def verification_ids(tokenizer_json: dict[str, Any], tokens: B.TokenInfo, vocab_size: int, context: int) -> list[int]:
+    """VERIFY_TEXT's ids (BOS first where the bundle adds it), within the vocabulary and the context."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
-    ids = tok.encode(VERIFY_PROMPT, add_special_tokens=False).ids
-    if manifest.tokens.add_bos and manifest.tokens.bos_id is not None:
-        ids = [manifest.tokens.bos_id] + ids
-    return [i for i in ids if i < vocab_size][:32]
+    tok = Tokenizer.from_str(json.dumps(tokenizer_json))
+    ids = tok.encode(VERIFY_TEXT, add_special_tokens=False).ids
+    if tokens.add_bos and tokens.bos_id is not None:
+        ids = [tokens.bos_id] + ids
+    return [i for i in ids if i < vocab_size][:min(MAX_TOKENS, context)]
 
 
 def reference_logits(source, ids: list[int]):
@@ -41,24 +47,23 @@ def reference_logits(source, ids: list[int]):
         return torch.nn.functional.linear(h, head)[0].numpy()
 
 
-def verify_onnx_bundle(bundle_dir: Path, manifest: B.Manifest, source, *, steps: int = 8,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+def verify_onnx_bundle(bundle_dir: Path, manifest: B.Manifest, ids: list[int], reference: np.ndarray, *,
+                       steps: int = DECODE_STEPS, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The bundle's logits over `ids` against `reference` ([len(ids), vocab], the torch model's)."""
     from edgellama.runtime.engine import OnnxEngine
 
-    ids = prompt_ids(bundle_dir, manifest, source.config.vocab_size)
-    engine = OnnxEngine(bundle_dir, manifest, max_context=min(manifest.context_length, len(ids) + steps + 1))
-    got = [engine.forward(ids).copy()]
-    seq = list(ids)
-    for _ in range(steps):
-        seq.append(int(got[-1].argmax()))
-        got.append(engine.forward([seq[-1]]).copy())
+    steps = max(0, min(steps, len(ids) - 2))
+    n = len(ids) - 1 - steps  # the prompt; the bundle never needs the text's last token as input
+    engine = OnnxEngine(bundle_dir, manifest, max_context=len(ids))
+    got = [engine.forward(ids[:n]).copy()]
+    for token in ids[n:n + steps]:
+        got.append(engine.forward([token]).copy())
     del engine
-    ref = reference_logits(source, seq)[len(ids) - 1:]
-    got_arr = np.stack(got)
+    got_arr, ref = np.stack(got), reference[n - 1:n + steps]
     max_diff = float(np.abs(got_arr - ref).max())
     agree = int((got_arr.argmax(-1) == ref.argmax(-1)).sum())
-    result = {"prompt_tokens": len(ids), "decode_steps": steps, "max_abs_logit_diff": max_diff,
+    result = {"prompt_tokens": n, "decode_steps": len(got) - 1, "max_abs_logit_diff": max_diff,
               "greedy_agreement": agree / len(got)}
-    log(f"verify: max |Δlogit| {max_diff:.2e} over {len(ids)} prompt + {steps} decode tokens; "
+    log(f"verify: max |Δlogit| {max_diff:.2e} over {n} prompt + {len(got) - 1} decode tokens; "
         f"greedy agreement {agree}/{len(got)}")
     return result
