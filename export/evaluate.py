@@ -27,9 +27,11 @@ from typing import Any, Iterator, TextIO
 import numpy as np
 
 from edgellama.errors import EdgeLlamaError
+from edgellama.export.onnx_graph import LAST_TOKEN_SLICES
 from edgellama.runtime import bundle as B
 
-LAST_TOKEN_SLICES = ("/model/LastToken/x", "/model/LastToken/residual")
+# Bundles before stop 15 sliced after the last layer ("/model/LastToken/x" and the residual)
+_SLICES = (*LAST_TOKEN_SLICES, "/model/LastToken/x")
 KEYS = ("ppl", "ref_ppl", "kld_mean", "kld_p99", "top1_agreement", "size_bytes", "bits_per_weight")
 _ROWS = 64  # positions per float64 softmax chunk: bounds memory for a 128k vocabulary
 
@@ -131,7 +133,7 @@ def all_logits_bundle(bundle_dir: Path, manifest: B.Manifest) -> Iterator[tuple[
     bypass = {}
     keep = []
     for node in g.node:
-        if node.name in LAST_TOKEN_SLICES:
+        if node.name in _SLICES:
             bypass[node.output[0]] = node.input[0]
         else:
             keep.append(node)
