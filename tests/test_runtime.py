@@ -371,3 +371,37 @@ def test_prompt_longer_than_the_context_and_generation_at_its_end(exported):
     assert len(prompt) == 20
     events = list(stream_ids(m, prompt, SamplingParams(max_new_tokens=50)))
     assert events[-1].finish_reason == "length" and len(events) == 24 - 20 + 1 and m.engine.pos == 24
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="the page-out uses Linux's /proc and madvise")
+def test_mapped_weights_are_paged_out_without_changing_them(tmp_path):
+    """The engine pages out what onnxruntime still maps of a bundle's weights after loading it
+    (engine._page_out_files_under): resident pages go, and the bytes read back unchanged."""
+    import mmap
+
+    from edgellama.runtime.engine import _page_out_files_under
+
+    data = np.random.default_rng(0).integers(0, 256, 64 * 4096, dtype=np.uint8)
+    (tmp_path / "model.onnx.data").write_bytes(data.tobytes())
+    other = tmp_path.parent / f"{tmp_path.name}-other.bin"  # a mapped file outside the bundle is left alone
+    other.write_bytes(data.tobytes())
+
+    def rss_kb(path) -> int:  # this process's resident pages of a mapped file (/proc/self/smaps)
+        total, inside = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
+                inside = line.endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    with open(tmp_path / "model.onnx.data", "r+b") as f, open(other, "r+b") as g:
+        mine, theirs = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE), mmap.mmap(g.fileno(), 0, flags=mmap.MAP_PRIVATE)
+        assert bytes(mine[:]) == data.tobytes() and bytes(theirs[:]) == data.tobytes()  # every page touched
+        assert rss_kb(tmp_path / "model.onnx.data") == rss_kb(other) == 256
+        assert _page_out_files_under(tmp_path) == 1
+        assert rss_kb(tmp_path / "model.onnx.data") == 0 and rss_kb(other) == 256
+        assert bytes(mine[:]) == data.tobytes()  # re-read from the file: the same bytes
+        mine.close()
+        theirs.close()
+    other.unlink()
