@@ -211,3 +211,25 @@ def test_calibration_weights_the_search(exported, tmp_path, capsys):
     r = run_cli(["quantize", b.dir, "-o", tmp_path / "x", *common, "--calib", tmp_path / "missing.txt"], capsys)
     assert r.code == 2
     assert_one_line_error(r.err, "calibration text")
+
+
+def test_scale_dtype_flag_stores_float32_scales(exported, tmp_path, capsys):
+    """--scale-dtype float32: scales stored as float32 (no Cast for onnxruntime to fold into a resident
+    copy), nearly the same model otherwise; it needs --quant on export."""
+    b = exported("gqa4", "fast")
+    outs = {}
+    for dtype in ("float16", "float32"):
+        outs[dtype] = tmp_path / dtype
+        r = run_cli(["quantize", b.dir, "-o", outs[dtype], "--bits", "4", "--no-verify", "--scale-dtype", dtype], capsys)
+        assert r.code == 0, r.err
+        assert read_manifest(outs[dtype]).quantization["scale_dtype"] == dtype
+    graph = {d: onnx.load(str(o / "model.onnx"), load_external_data=False).graph for d, o in outs.items()}
+    scale_types = {d: {t.data_type for t in g.initializer if t.name.endswith(".scales")} for d, g in graph.items()}
+    assert scale_types == {"float16": {onnx.TensorProto.FLOAT16}, "float32": {onnx.TensorProto.FLOAT}}
+    assert not any(n.op_type == "Cast" and "Scales" in n.name for n in graph["float32"].node)
+    ids = random_ids(12, seed=3)
+    a, b16 = last_logits(outs["float32"], ids), last_logits(outs["float16"], ids)
+    assert not np.array_equal(a, b16) and np.corrcoef(a, b16)[0, 1] > 0.99  # scales a half-ulp apart, codes refit
+    r = run_cli(["export", b.model.folder, "-o", tmp_path / "x", "--scale-dtype", "float32"], capsys)
+    assert r.code == 2
+    assert_one_line_error(r.err, "--scale-dtype needs --quant")
