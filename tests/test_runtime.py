@@ -377,14 +377,10 @@ def test_prompt_longer_than_the_context_and_generation_at_its_end(exported):
 def test_mapped_weights_are_paged_out_without_changing_them(tmp_path):
     """The engine pages out what onnxruntime still maps of a bundle's weights after loading it
     (engine._page_out_files_under): resident pages go, and the bytes read back unchanged."""
-    import mmap
-
-    from edgellama.runtime.engine import _page_out_files_under
+    import os
 
     data = np.random.default_rng(0).integers(0, 256, 64 * 4096, dtype=np.uint8)
-    (tmp_path / "model.onnx.data").write_bytes(data.tobytes())
     other = tmp_path.parent / f"{tmp_path.name}-other.bin"  # a mapped file outside the bundle is left alone
-    other.write_bytes(data.tobytes())
 
     def rss_kb(path) -> int:  # this process's resident pages of a mapped file (/proc/self/smaps)
         total, inside = 0, False
@@ -395,13 +391,33 @@ def test_mapped_weights_are_paged_out_without_changing_them(tmp_path):
                 total += int(line.split()[1])
         return total
 
+    # One CPU for the whole test: pages just written wait in a per-CPU batch before they reach the
+    # LRU lists, and MADV_PAGEOUT (which drains only its own CPU's batch) skips pages not on them.
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        _check_page_out(tmp_path, other, data, rss_kb)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    other.unlink()
+
+
+def _check_page_out(tmp_path, other, data, rss_kb):
+    import mmap
+
+    from edgellama.runtime.engine import _page_out_files_under
+
+    (tmp_path / "model.onnx.data").write_bytes(data.tobytes())
+    other.write_bytes(data.tobytes())
     with open(tmp_path / "model.onnx.data", "r+b") as f, open(other, "r+b") as g:
         mine, theirs = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE), mmap.mmap(g.fileno(), 0, flags=mmap.MAP_PRIVATE)
         assert bytes(mine[:]) == data.tobytes() and bytes(theirs[:]) == data.tobytes()  # every page touched
         assert rss_kb(tmp_path / "model.onnx.data") == rss_kb(other) == 256
-        assert _page_out_files_under(tmp_path) == 1
+        for _ in range(5):  # best effort by the kernel's contract: a page it is busy with is skipped this time
+            assert _page_out_files_under(tmp_path) == 1
+            if rss_kb(tmp_path / "model.onnx.data") == 0:
+                break
         assert rss_kb(tmp_path / "model.onnx.data") == 0 and rss_kb(other) == 256
         assert bytes(mine[:]) == data.tobytes()  # re-read from the file: the same bytes
         mine.close()
         theirs.close()
-    other.unlink()
