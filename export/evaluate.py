@@ -155,11 +155,20 @@ def all_logits_bundle(bundle_dir: Path, manifest: B.Manifest) -> Iterator[tuple[
     spec = [B.TensorSpec(s.name, s.dtype, ["batch_size", "sequence_length", s.shape[-1]]) if s.name == B.LOGITS else s
             for s in manifest.graph.outputs]
     variant = replace(manifest, graph=replace(manifest.graph, logits="all", outputs=spec))
-    tmp = Path(tempfile.mkdtemp(prefix="edgellama-eval-"))
+    # Next to the bundle, so its files can be hard-linked: onnxruntime refuses external data that
+    # resolves outside the model's folder, which rules out symlinks. Elsewhere (a read-only parent,
+    # another filesystem) they are copied.
     try:
-        for f in bundle_dir.iterdir():  # external weights and anything else the graph names: linked, not copied
-            if f.name not in (manifest.graph.file, B.MANIFEST):
-                (tmp / f.name).symlink_to(f.resolve())
+        tmp = Path(tempfile.mkdtemp(prefix=".edgellama-eval-", dir=bundle_dir.resolve().parent))
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix="edgellama-eval-"))
+    try:
+        for f in bundle_dir.iterdir():  # external weights and anything else the graph names
+            if f.name not in (manifest.graph.file, B.MANIFEST) and f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copyfile(f, tmp / f.name)
         onnx.save_model(model, str(tmp / manifest.graph.file))
         del model
         yield tmp, variant

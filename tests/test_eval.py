@@ -102,6 +102,22 @@ def test_int4_is_worse_than_int8(quantized, text_file):
     assert r8["kld_p99"] >= r8["kld_mean"]
 
 
+def test_external_data_bundle_is_scored_and_left_untouched(tiny_llama, text_file, tmp_path, monkeypatch):
+    """Real models keep their weights in model.onnx.data; scoring every position rewrites the graph
+    in a temporary folder, whose data must resolve inside it (onnxruntime refuses symlinks out)."""
+    from edgellama.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "INLINE_LIMIT", 0)
+    m = tiny_llama("gqa4")
+    bundle = tmp_path / "ext"
+    onnx_export.export_onnx(m.folder, bundle, onnx_export.ExportOptions(max_context=64, verify=False), log=lambda _: None)
+    assert (bundle / "model.onnx.data").is_file()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = evaluate(bundle, m.folder, text_file, window=32, progress=False)
+    assert r["kld_mean"] < 1e-6 and r["top1_agreement"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # the temporary variant is gone
+
+
 def test_max_tokens_limits_the_text(exported, text_file):
     b = exported("gqa4", "fast")
     r = evaluate(b.dir, b.model.folder, text_file, window=16, max_tokens=20, progress=False)
