@@ -53,7 +53,7 @@ def verify_onnx_bundle(bundle_dir: Path, manifest: B.Manifest, ids: list[int], r
     from edgellama.runtime.engine import OnnxEngine
 
     steps = max(0, min(steps, len(ids) - 2))
-    n = len(ids) - 1 - steps  # the prompt; the bundle never needs the text's last token as input
+    n = max(1, len(ids) - 1 - steps)  # the prompt (the text's last token is never an input, unless it is the only one)
     engine = OnnxEngine(bundle_dir, manifest, max_context=len(ids))
     got = [engine.forward(ids[:n]).copy()]
     for token in ids[n:n + steps]:

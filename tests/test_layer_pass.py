@@ -84,3 +84,11 @@ def test_float_export_verifies_to_float_precision(tiny_llama, tmp_path):
     v = report.verification
     assert v["decode_steps"] == DECODE_STEPS and v["greedy_agreement"] == 1.0 and v["max_abs_logit_diff"] < 1e-4
     assert v["prompt_tokens"] + DECODE_STEPS + 1 <= 40
+
+
+def test_a_one_token_context_still_verifies(tiny_llama, tmp_path):
+    """The verification text is cut to the context; one token leaves a prefill and nothing to decode."""
+    report = export_onnx(tiny_llama("gqa4").folder, tmp_path / "b", ExportOptions(max_context=1), log=lambda m: None)
+    v = report.verification
+    assert (v["prompt_tokens"], v["decode_steps"], v["greedy_agreement"]) == (1, 0, 1.0)
+    assert v["max_abs_logit_diff"] < 1e-4
