@@ -127,6 +127,30 @@ def _adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def quant_summary(q: dict | None) -> str:
+    """One readable line of the manifest's quantization record (`inspect --json` has all of it)."""
+    if not q:
+        return "none"
+    block = f"block {q['block_size']}"
+    if q.get("qk_block_size") and q["qk_block_size"] != q["block_size"]:
+        block += f", q/k {q['qk_block_size']}"
+    parts = [f"int{q['bits']} {q.get('method', '')} ({block})".replace("  ", " ")]
+    int8 = q.get("int8_tensors") or []
+    if int8:
+        kinds: dict[str, int] = {}
+        for name in int8:  # "model.layers.3.mlp.down_proj" -> down_proj; packed parts keep their own leaf
+            leaf = name.rsplit(".", 1)[-1].replace("embed_tokens", "embedding")
+            kinds[leaf] = kinds.get(leaf, 0) + 1
+        parts.append("int8 " + ", ".join(f"{k} x{c}" if c > 1 else k for k, c in kinds.items()))
+    parts.append(f"embeddings {q.get('embeddings')}, lm_head {q.get('lm_head')}")
+    parts.append(f"scales {q.get('scale_dtype', 'float32')}, activations {q.get('activation', 'int8')}")
+    if q.get("smoothing"):
+        parts.append(f"smoothed (alpha {q['smoothing']['alpha']}, {q['smoothing']['groups']} groups)")
+    if q.get("calibration"):
+        parts.append(f"calibrated on {q['calibration']}")
+    return "; ".join(parts)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -144,7 +168,7 @@ def _inspect(args: argparse.Namespace) -> int:
         ("architecture", f"{a['num_hidden_layers']} layers, hidden {a['hidden_size']}, heads "
                          f"{a['num_attention_heads']}/{a['num_key_value_heads']}, head_dim {a['head_dim']}, "
                          f"vocab {a['vocab_size']}, tied {a['tie_word_embeddings']}"),
-        ("dtype", m.dtype), ("quantization", json.dumps(m.quantization) if m.quantization else "none"),
+        ("dtype", m.dtype), ("quantization", quant_summary(m.quantization)),
         ("context", str(m.context_length)),
         ("tokens", f"bos {m.tokens.bos_id}, stop {m.tokens.eos_ids}, pad {m.tokens.pad_id}"),
         ("chat template", "yes" if m.chat_template else "no"),

@@ -79,6 +79,9 @@ def test_quantize_fast_int4_cli(exported, tmp_path, capsys):
     assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized")} <= ops(out)
     assert ("", "MatMul") not in ops(out)
     assert "verification" in m.extras
+    r = run_cli(["inspect", out], capsys)
+    row = next(line for line in r.out.splitlines() if line.startswith("quantization"))
+    assert "int4 rtn (block 32); int8 " in row and "embedding" in row and "scales float16" in row
     # Quantized, not broken: the logits still follow the float model's.
     ids = random_ids(12, seed=3)
     ref, got = last_logits(b.dir, ids), last_logits(out, ids)
