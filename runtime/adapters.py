@@ -58,9 +58,12 @@ def projection_shape(arch: dict[str, Any], proj: str) -> tuple[int, int]:
 
 
 def base_identity(manifest: B.Manifest) -> dict[str, Any]:
-    """What an adapter file pins its base to: the source model, its shape, and the exact graph (its slots included)."""
+    """What an adapter file pins its base to: the source model, its shape, and the exact graph (its
+    slots included) and weights. The weights file counts separately because the graph file of an
+    external-data bundle holds only offsets: another checkpoint of the same shape would match it."""
     return {"source": manifest.source, "architecture": manifest.architecture,
-            "graph_sha256": manifest.files.get(manifest.graph.file)}
+            "graph_sha256": manifest.files.get(manifest.graph.file),
+            "weights_sha256": manifest.files.get(B.ONNX_DATA)}
 
 
 @dataclass
@@ -153,7 +156,8 @@ def check_adapter(adapter: AdapterFile, manifest: B.Manifest) -> None:
         raise EdgeLlamaError("this bundle has no LoRA slots: export the base with --lora-slots R to swap adapters "
                              "(or merge the adapter at export with --adapter)")
     want, got = base_identity(manifest), adapter.meta.get("base") or {}
-    for key, what in (("architecture", "architecture"), ("source", "source model"), ("graph_sha256", "graph")):
+    for key, what in (("architecture", "architecture"), ("source", "source model"), ("graph_sha256", "graph"),
+                      ("weights_sha256", "weights file")):
         if got.get(key) != want[key]:
             raise EdgeLlamaError(f"adapter {adapter.name!r} was made for another base bundle (its {what} differs): "
                                  "rerun `edgellama adapter` against this bundle")

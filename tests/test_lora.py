@@ -249,6 +249,22 @@ def test_quantized_base_takes_adapters(lora, exported, tmp_path):
         load(slots, max_context=16, adapter=lora.files[8])
 
 
+def test_adapter_pins_the_weights_file_too(lora):
+    """An external-data bundle's graph file holds offsets, not weights: the same graph over another
+    checkpoint's weights is another base, and the adapter says so."""
+    from dataclasses import replace
+
+    from edgellama.runtime.adapters import check_adapter, read_adapter_file
+
+    f = read_adapter_file(lora.files[8])
+    m = B.read_manifest(lora.slots)
+    assert f.meta["base"]["weights_sha256"] is None and B.ONNX_DATA not in m.files  # a one-file bundle
+    check_adapter(f, m)
+    other = replace(m, files={**m.files, B.ONNX_DATA: "0" * 64})
+    with pytest.raises(EdgeLlamaError, match="made for another base bundle \\(its weights file differs\\)"):
+        check_adapter(f, other)
+
+
 def test_switching_adapters_mid_chat_recomputes_the_conversation(lora):
     params = SamplingParams(max_new_tokens=6)
     model = load(lora.slots, max_context=128, adapter=lora.files[8])
