@@ -407,8 +407,16 @@ def _check_page_out(tmp_path, other, data, rss_kb):
 
     from edgellama.runtime.engine import _page_out_files_under
 
-    (tmp_path / "model.onnx.data").write_bytes(data.tobytes())
-    other.write_bytes(data.tobytes())
+    import os
+
+    for path in (tmp_path / "model.onnx.data", other):
+        # Written, synced and dropped from the page cache, so the mapping reads clean pages back as
+        # onnxruntime's mapping of a bundle does: freshly written dirty pages may not be reclaimable.
+        with open(path, "wb") as out:
+            out.write(data.tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     with open(tmp_path / "model.onnx.data", "r+b") as f, open(other, "r+b") as g:
         mine, theirs = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE), mmap.mmap(g.fileno(), 0, flags=mmap.MAP_PRIVATE)
         assert bytes(mine[:]) == data.tobytes() and bytes(theirs[:]) == data.tobytes()  # every page touched
