@@ -7,10 +7,11 @@ On SmolLM2-135M (the built-in alias) it exports, all int4 and fast-form:
 and times decode of the same forced tokens on each, interleaved round by round so the noise of a
 shared machine lands on every variant alike. Both clocks are reported: wall time, and the
 process's CPU time, which on an oversubscribed machine measures the work itself (with one
-intra-op thread, the default here, CPU time has no spin-waiting in it). Sizes are measured on those files; for
-Llama-3.2-1B's shape (weights unavailable here) the int4 bundle is sized with the real quantizer
-run on row slices of each weight (bytes per row do not depend on the row count), checked against
-the SmolLM2 bundle actually written, and the adapter file is written in full from zero tensors.
+intra-op thread, CPU time has no spin-waiting in it). Sizes are measured on those files. With
+--model-1b (a folder from benchmarks/make_1b_shape.py) the Llama-3.2-1B shape is exported and timed
+the same way; without it, its int4 bundle is sized with the real quantizer run on row slices of each
+weight (bytes per row do not depend on the row count), checked against the SmolLM2 bundle actually
+written, and its adapter file is written in full from zero tensors.
 
     python benchmarks/lora_cost.py [--rank 16] [--rounds 7] [--new-tokens 64] [--work DIR] [--model-1b DIR]
 """
