@@ -15,7 +15,6 @@ calibrate() and the reference model use, so the statistics and the reference log
 from __future__ import annotations
 
 import re
-from typing import Callable
 
 import numpy as np
 
@@ -37,11 +36,9 @@ class LayerPass(DerivedStore):
     """
 
     def __init__(self, src, emitter=None, *, calib: np.ndarray | None = None, keep_inputs: bool = False,
-                 smooth: bool = False, verify: list[int] | None = None,
-                 log: Callable[[str], None] = lambda m: None):
+                 smooth: bool = False, verify: list[int] | None = None):
         super().__init__(src.tensors)
-        self.cfg, self.emitter, self.calib, self.smooth, self.verify, self.log = \
-            src.config, emitter, calib, smooth, verify, log
+        self.cfg, self.emitter, self.calib, self.smooth, self.verify = src.config, emitter, calib, smooth, verify
         self.recorder = Recorder(keep_inputs) if calib is not None else None
         self.present = set(self.base.names())
         self.cols: dict[str, np.ndarray] = {}
@@ -101,9 +98,8 @@ class LayerPass(DerivedStore):
             rec = self.recorder
             hook = None if rec is None else (lambda block, j: rec.hook(prefix, block) if j == 0 else [])
             self._stream.run(weights, hook)  # before smoothing rescales the arrays in place
-        if self.recorder is not None:
-            self._take_statistics([n for group, _, _ in smoothing_groups(self.cfg, self.emitter, i) for n in group]
-                                  + [f"{prefix}self_attn.o_proj"])
+        if self.recorder is not None:  # the linears its hooks saw in this layer
+            self._take_statistics([n for n in self.recorder.names if n.startswith(prefix)])
         self._smooth(i)
 
     def _finish(self) -> None:

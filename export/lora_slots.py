@@ -96,8 +96,8 @@ class LoraSlots:
 
 
 def input_scales(tensors, n_layers: int, projections: list[str]) -> dict[str, np.ndarray]:
-    """INPUT_SCALES_FILE's tensors: the smoothing of each slotted projection (`tensors` is
-    calibration.ScaledTensors after smoothing; anything else has none)."""
+    """INPUT_SCALES_FILE's tensors: the smoothing of each slotted projection (`tensors` is the
+    export's layer_pass.LayerPass, or calibration.ScaledTensors; anything else has none)."""
     from edgellama.export.lora import _BLOCK_OF
 
     out = {}

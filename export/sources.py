@@ -32,8 +32,6 @@ class TensorStore(Protocol):
     # caller may change in place (the export's LayerPass then scales weights without copying them).
 
 
-
-
 class DerivedStore:
     """A TensorStore that changes some of `base`'s tensors on the way out: names and shapes are the base's."""
 

@@ -196,7 +196,6 @@ def slot_feeds(manifest: B.Manifest, tensors: dict[tuple[int, str], tuple[np.nda
             raise EdgeLlamaError(f"the bundle has an unexpected LoRA input {spec.name!r}")
         layer, node, which = int(m[1]), m[2], m[3]
         parts = groups.get(node, [node])
-        rows = [projection_shape(manifest.architecture, p)[0] if len(parts) > 1 else None for p in parts]
         pairs = [tensors.get((layer, p)) for p in parts]
         if all(pair is None for pair in pairs):
             feeds[spec.name] = np.zeros([0 if isinstance(d, str) else d for d in spec.shape], np.float32)
@@ -205,6 +204,7 @@ def slot_feeds(manifest: B.Manifest, tensors: dict[tuple[int, str], tuple[np.nda
         elif len(parts) == 1:
             feeds[spec.name] = np.ascontiguousarray(pairs[0][1], np.float32)
         else:
+            rows = [projection_shape(manifest.architecture, p)[0] for p in parts]
             ranks = [0 if pair is None else pair[0].shape[0] for pair in pairs]
             b = np.zeros((sum(rows), sum(ranks)), np.float32)
             r0 = c0 = 0

@@ -52,6 +52,18 @@ _trim_heap = _heap_trimmer()
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; semantics-preserving (clean file pages are re-read)
 
 
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+_madvise = _libc_madvise()
+
+
 def _page_out_files_under(root: Path) -> int:
     """Ask the kernel to reclaim this process's pages of files mapped from under `root` (Linux; else 0).
 
@@ -59,18 +71,18 @@ def _page_out_files_under(root: Path) -> int:
     buffers only the tied embedding table is still read (by GatherBlockQuantized, a row per token),
     yet every page prepacking touched stays resident: 250 MB of the 1B shape's RSS. Paged out, the
     table's rows come back from the page cache as tokens need them."""
+    if _madvise is None:
+        return 0
     try:
         maps = Path("/proc/self/maps").read_text()
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
+    except OSError:
         return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     prefix, done = str(root.resolve()) + os.sep, 0
     for line in maps.splitlines():
         fields = line.split(None, 5)
         if len(fields) == 6 and fields[5].startswith(prefix):
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            done += madvise(start, end - start, _MADV_PAGEOUT) == 0  # a range unmapped meanwhile fails harmlessly
+            done += _madvise(start, end - start, _MADV_PAGEOUT) == 0  # a range unmapped meanwhile fails harmlessly
     return done
 
 
@@ -152,7 +164,9 @@ class OnnxEngine:
         self.provider = resolve_provider(provider)
         so = session_options(manifest, threads)
         try:
-            with _weights_paged_out(self.root):
+            # Only external weights are memory-mapped: a one-file bundle has nothing to page out.
+            paging = _weights_paged_out(self.root) if B.ONNX_DATA in manifest.files else contextlib.nullcontext()
+            with paging:
                 self.session = ort.InferenceSession(str(self.root / g.file), so, providers=[self.provider])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EdgeLlamaError(f"onnxruntime cannot load {g.file}: {str(exc).splitlines()[0][:300]}") from None
