@@ -25,7 +25,9 @@ VERB_MODULES = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors, in our one-line form
-        raise EdgeLlamaError(f"{self.prog}: {message}")
+        # main() prints "edgellama: error: "; a verb's parser adds only the verb ("run: ...").
+        verb = self.prog.removeprefix("edgellama").strip()
+        raise EdgeLlamaError(f"{verb}: {message}" if verb else message)
 
 
 def build_parser() -> argparse.ArgumentParser:

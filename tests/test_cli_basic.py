@@ -128,6 +128,14 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     r = run_cli(["frobnicate"], capsys)
     assert r.code == 2
     assert_one_line_error(r.err, "frobnicate")
+    r = run_cli(["inspect", tmp_path, "--no-such-flag"], capsys)  # caught by the top-level parser
+    assert r.code == 2
+    line = assert_one_line_error(r.err, "unrecognized arguments: --no-such-flag")
+    assert line.count("edgellama") == 1, line
+    r = run_cli(["inspect"], capsys)  # caught by the verb's parser: named once, with the verb
+    assert r.code == 2
+    line = assert_one_line_error(r.err, "inspect: ", "required")
+    assert line.count("edgellama") == 1, line
     r = run_cli(["inspect", tmp_path / "nothing-here"], capsys)
     assert r.code == 2
     assert_one_line_error(r.err, "not found")
