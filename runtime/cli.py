@@ -15,7 +15,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    # --max-tokens / -m as in MLX-LM and llama.cpp's -n, so a command line carried over works.
+    p.add_argument("--max-new-tokens", "--max-tokens", "-m", "-n", dest="max_new_tokens", type=int, default=256,
+                   help="most tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -158,6 +158,13 @@ def test_provider_by_short_or_full_name(exported, capsys):
     assert a["token_ids"] == b["token_ids"]
 
 
+def test_max_tokens_spellings_of_other_tools(exported, capsys):
+    d = exported("gqa4").dir
+    counts = {flag: len(run_json([d, "-p", PROMPT, flag, 3, "--threads", 1], capsys)["token_ids"])
+              for flag in ("--max-new-tokens", "--max-tokens", "-m", "-n")}
+    assert set(counts.values()) == {3}, counts
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
