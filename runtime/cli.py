@@ -9,7 +9,8 @@ import sys
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache size in tokens (default 4096 or less)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV cache size in tokens (default: run, prompt + --max-new-tokens; chat, 4096 or less)")
     p.add_argument("--provider", default=None, help="onnxruntime execution provider (cpu, coreml, xnnpack, nnapi, qnn, cuda, ...)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
 
@@ -75,13 +76,13 @@ def _stats_line(s) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edgellama.runtime.generate import load, stream_ids
+    from edgellama.runtime.generate import load_for_prompt, stream_ids
 
     params = _params(args)
     prompt = _read_prompt(args)
-    model = load(args.bundle, provider=args.provider, threads=args.threads, max_context=args.max_context,
-                 adapter=args.adapter)
-    prompt_ids = model.encode_prompt(prompt, chat=args.chat, system=args.system)
+    model, prompt_ids = load_for_prompt(args.bundle, prompt, chat=args.chat, system=args.system,
+                                        max_new_tokens=params.max_new_tokens, max_context=args.max_context,
+                                        provider=args.provider, threads=args.threads, adapter=args.adapter)
     text, ids, last = [], [], None
     for event in stream_ids(model, prompt_ids, params):
         ids.append(event.token_id)

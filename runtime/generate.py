@@ -4,6 +4,9 @@
     for event in stream_generate(model, "Tell me a joke", chat=True):
         print(event.text, end="")
 
+For one generation, `model, ids = load_for_prompt(dir, prompt, max_new_tokens=n)` then
+`stream_ids(model, ids, params)` holds a KV cache of prompt + n positions instead of 4096.
+
 Only numpy, onnxruntime, tokenizers and jinja2 are imported here: this is what ships to devices.
 """
 
@@ -105,30 +108,62 @@ def load(bundle_dir: str | os.PathLike, *, provider: str | None = None, threads:
     """Open a bundle: checksums first (nothing unverified is loaded), then tokenizer and session.
 
     adapter: a file from `edgellama adapter`, applied to a bundle exported with --lora-slots."""
+    model = _open(bundle_dir, verify, threads)
+    _start(model, provider, threads, max_context, adapter)
+    return model
+
+
+def load_for_prompt(bundle_dir: str | os.PathLike, prompt: str, *, chat: bool = False, system: str | None = None,
+                    max_new_tokens: int = 256, max_context: int | None = None, provider: str | None = None,
+                    threads: int | None = None, verify: bool = True,
+                    adapter: str | os.PathLike | None = None) -> tuple[Model, list[int]]:
+    """load() for one generation, with the prompt's ids: the KV cache holds prompt + max_new_tokens.
+
+    The engine allocates (and touches) its whole cache at load, so a one-shot run of a short prompt
+    would otherwise hold the default 4096 positions: 180 MB on SmolLM2, ~1 GB on a 3B model. Never
+    more than load() would take; max_context, when given, wins."""
+    model = _open(bundle_dir, verify, threads)
+    ids = model.encode_prompt(prompt, chat=chat, system=system)
+    if max_context is None and model.manifest.graph.kind == "onnx":
+        from edgellama.runtime.engine import DEFAULT_CONTEXT
+
+        # The last token sampled is never fed back: prompt + max_new_tokens - 1 positions suffice.
+        need = max(1, len(ids) + max_new_tokens - 1)
+        max_context = min(need, DEFAULT_CONTEXT, model.manifest.context_length)
+    _start(model, provider, threads, max_context, adapter)
+    return model, ids
+
+
+def _open(bundle_dir: str | os.PathLike, verify: bool, threads: int | None) -> Model:
+    """Manifest, tokenizer and stop ids; the engine comes with _start."""
     path = Path(bundle_dir)
     manifest = B.read_manifest(path, verify=verify)
     if threads is not None and threads < 1:
         raise EdgeLlamaError(f"threads must be >= 1, got {threads}")
     tokenizer = Tokenizer.from_dir(path)
-    if manifest.graph.kind == "onnx":
-        from edgellama.runtime.engine import OnnxEngine
-
-        engine = OnnxEngine(path, manifest, provider=provider, threads=threads, max_context=max_context)
-    elif manifest.graph.kind == "coreml":
-        from edgellama.runtime.coreml_engine import CoreMLEngine
-
-        engine = CoreMLEngine(path, manifest, max_context=max_context)
-    else:
-        raise EdgeLlamaError(f"unknown graph kind {manifest.graph.kind!r} in the manifest")
     stops = set(manifest.tokens.eos_ids)
     for name in B.LLAMA3_STOP_TOKENS:  # the manifest lists them; the tokenizer may know more aliases
         tid = tokenizer.token_to_id(name)
         if tid is not None and tid < int(manifest.architecture["vocab_size"]):
             stops.add(tid)
-    model = Model(path, manifest, tokenizer, engine, frozenset(stops))
+    return Model(path, manifest, tokenizer, None, frozenset(stops))
+
+
+def _start(model: Model, provider: str | None, threads: int | None, max_context: int | None,
+           adapter: str | os.PathLike | None) -> None:
+    path, manifest = model.path, model.manifest
+    if manifest.graph.kind == "onnx":
+        from edgellama.runtime.engine import OnnxEngine
+
+        model.engine = OnnxEngine(path, manifest, provider=provider, threads=threads, max_context=max_context)
+    elif manifest.graph.kind == "coreml":
+        from edgellama.runtime.coreml_engine import CoreMLEngine
+
+        model.engine = CoreMLEngine(path, manifest, max_context=max_context)
+    else:
+        raise EdgeLlamaError(f"unknown graph kind {manifest.graph.kind!r} in the manifest")
     if adapter is not None:
         model.set_adapter(adapter)
-    return model
 
 
 def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int]) -> Iterator[tuple[int, Stats, str | None]]:

@@ -21,7 +21,7 @@ import pytest
 from edgellama.errors import EdgeLlamaError
 from edgellama.runtime import bundle as B
 from edgellama.runtime.engine import PROVIDERS
-from edgellama.runtime.generate import ChatSession, generate, load, stream_generate, stream_ids
+from edgellama.runtime.generate import ChatSession, generate, load, load_for_prompt, stream_generate, stream_ids
 from edgellama.runtime.sampling import SamplingParams
 from helpers import LLAMA3_BOS, LLAMA3_END_OF_TEXT, LLAMA3_EOM, LLAMA3_EOT
 
@@ -137,6 +137,20 @@ def test_load_sizes_the_context_and_rejects_bad_options(exported, models):
     for kwargs, fragment in bad:
         with pytest.raises(EdgeLlamaError, match=fragment):
             load(exported("gqa4").dir, **kwargs)
+
+
+def test_load_for_prompt_sizes_the_cache_to_one_generation(exported):
+    d = exported("gqa4").dir
+    m, ids = load_for_prompt(d, "word " * 10, max_new_tokens=6, threads=1)
+    assert ids == m.encode_prompt("word " * 10) and m.context == len(ids) + 5  # the last token is never fed back
+    events = list(stream_ids(m, ids, SamplingParams(max_new_tokens=6)))
+    assert len(events) == 6 and events[-1].finish_reason == "length" and m.engine.pos == m.context
+    m, ids = load_for_prompt(d, "hi", chat=True, system="Be brief.", max_new_tokens=4, threads=1)
+    assert ids == m.encode_prompt("hi", chat=True, system="Be brief.") and m.context == len(ids) + 3
+    assert load_for_prompt(d, "hi", max_new_tokens=4, max_context=100, threads=1)[0].context == 100  # asked for
+    assert load_for_prompt(d, "hi", max_new_tokens=10**6, threads=1)[0].context == 256  # never above load()'s
+    with pytest.raises(EdgeLlamaError, match="empty"):
+        load_for_prompt(d, "  ", threads=1)
 
 
 # --- streaming -----------------------------------------------------------------------------------
