@@ -218,10 +218,10 @@ def plan(
     `max_context` is the context to plan for (default: the device's default, capped at the
     model's). `kv_dtype` defaults to fp16 for Core ML and fp16 bundles, else fp32.
     `embed_quant` is how the embedding table and lm_head are stored (default: like the rest,
-    except an ONNX int4 bundle, which keeps them at int8 as the quantizer does).
+    except in an int4 bundle, ONNX or Core ML, which keeps them at int8 as the quantizer does).
     """
-    if embed_quant is None and quant == "int4" and device.format != "coreml":
-        embed_quant = "int8"  # the ONNX quantizer's default; Core ML compresses every matrix alike
+    if embed_quant is None and quant == "int4":
+        embed_quant = "int8"  # the int4 quantizer's default, for both formats
     for name, value in (("quant", quant), ("embed_quant", embed_quant or quant)):
         if value not in QUANTS:
             raise EdgeLlamaError(f"unknown {name} {value!r}; choose one of {', '.join(QUANTS)}")

@@ -77,7 +77,13 @@ def coremltools():
 
 
 def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] | None:
-    """Validate --quant options for Core ML; returns the manifest's quantization record."""
+    """Validate --quant options for Core ML; returns the manifest's quantization record.
+
+    int4 is the ONNX default's policy and quantizer (smoothing, hqq-fitted asymmetric blocks, q/k
+    in blocks of 16, int8 for v/o, the table and the heaviest-tailed down_proj), written as iOS 18
+    constexpr ops. `--method rtn` (int4) and int8 are coremltools' linear symmetric quantizer on every
+    weight matrix: a smaller int4 file (SmolLM2: 77 against 104 MB) that is far less faithful
+    (docs/ios.md)."""
     if not quant:
         return None
     unsupported = sorted(k for k, v in quant.items()
@@ -85,7 +91,7 @@ def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] |
     if unsupported:
         flag = "no-smooth" if unsupported[0] == "smooth" else unsupported[0].replace("_", "-")
         raise EdgeLlamaError(f"--{flag} applies to --format onnx only "
-                             "(Core ML compresses every weight matrix with coremltools' linear quantizer)")
+                             "(Core ML takes --quant and --block-size)")
     bits = quant.get("bits")
     if bits not in (4, 8):
         raise EdgeLlamaError(f"unsupported quantization bits {bits!r} (4 or 8)")
@@ -97,6 +103,11 @@ def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] |
     if not stateful and block is not None:
         raise EdgeLlamaError(f"{'int4' if bits == 4 else 'block-wise int8'} needs iOS 18's per-block weights, but "
                              "--stateless targets iOS 17: use --quant int8 without --block-size, or drop --stateless")
+    if bits == 4 and quant.get("method") != "rtn":
+        if block < 16 or block & (block - 1):
+            raise EdgeLlamaError(f"--block-size must be a power of two >= 16, got {block}")
+        return {"bits": 4, "block_size": block, "granularity": "per_block", "method": "mixed", "symmetric": False,
+                "tool": "edgellama (constexpr_blockwise_shift_scale)"}
     return {"bits": bits, "block_size": block, "granularity": "per_block" if block else "per_channel",
             "method": "rtn", "symmetric": True, "tool": "coremltools.optimize.coreml.linear_quantize_weights"}
 
@@ -164,7 +175,7 @@ def check_block_size(block: int | None, widths: dict[str, int]) -> None:
 
 
 def compress(mlmodel, plan: dict[str, Any]):
-    """Quantize every weight matrix (embedding and small K/V projections included) to int4/int8."""
+    """int8 with coremltools' linear symmetric quantizer: every weight matrix (embedding and K/V included)."""
     coremltools()
     import coremltools.optimize.coreml as cto
 
@@ -181,6 +192,86 @@ def compress(mlmodel, plan: dict[str, Any]):
         warnings.simplefilter("ignore")
         out = cto.linear_quantize_weights(mlmodel, config)
     plan["tensors"] = len(weights)
+    return out
+
+
+def int4_weights(src: Source, plan: dict[str, Any], log: Callable[[str], None]):
+    """The ONNX int4 default's work, for Core ML: calibrate on seeded random tokens, rank the
+    down projections, fold the smoothing scales into the source. Returns (smoothed source, the
+    quantizer that knows each tensor's precision and block). Smoothing leaves the float model's
+    function unchanged, so the program is traced from the smoothed source."""
+    from edgellama.export.calibration import calibrate, rank_int8_layers, smooth_source
+    from edgellama.quantize.onnx_weights import make_emitter
+
+    cal = calibrate(src, keep_inputs=False, log=log)
+    em, _ = make_emitter(src.config, {"bits": 4, "block_size": plan["block_size"], "act_scales": cal.act_scales},
+                         form="fast", fallback=None)
+    rank_int8_layers(src, em)
+    smoothed, record = smooth_source(src, em, log)
+    o = em.opts
+    plan.update(calibration=cal.source, smoothing=record, qk_block_size=em.block_for("q_proj", 4),
+                int8_block_size=em.block_for("", 8), embeddings=o.embeddings, lm_head=o.lm_head,
+                scale_dtype="float16", activation="fp16")  # Core ML decodes to fp16 weights, computes in fp16
+    return smoothed, em
+
+
+def _weight_names(src: Source) -> dict[str, str]:
+    """Program const name -> HF tensor module name, for every 2-D weight the wrapper holds (as `llama`)."""
+    return {"llama_" + n.replace(".", "_") + "_to_fp16": n[: -len(".weight")]
+            for n in src.tensors.names() if n.endswith(".weight") and not n.endswith("norm.weight")}
+
+
+def compress_int4(mlmodel, src: Source, em, plan: dict[str, Any]):
+    """Replace every weight const of the program with our quantized tensor, decoded by Core ML at load
+    (iOS 18 constexpr_blockwise_shift_scale: int4 codes with uint4 offsets, int8 symmetric codes)."""
+    coremltools()
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+    from coremltools.models.utils import _apply_graph_pass
+
+    consts = weight_consts(mlmodel.get_spec())
+    names = _weight_names(src)
+    missing = sorted(set(consts) - set(names))
+    if missing:
+        raise EdgeLlamaError(f"the Core ML program holds a weight edgellama cannot place: {missing[0]}")
+    encoded: dict[str, tuple] = {}
+    for const, shape in consts.items():
+        qt = em.quantize_tensor(names[const], src.tensors.get(names[const] + ".weight"))
+        n, k = qt.shape
+        if (n, k) != tuple(shape) or k % qt.block_size:
+            raise EdgeLlamaError(f"{names[const]}: {k} inputs do not split into blocks of {qt.block_size}")
+        scale = qt.scales.astype(np.float16)
+        if qt.bits == 4 and not qt.symmetric:
+            encoded[const] = (qt.codes[:, :k].astype(types.np_uint4_dtype), scale,
+                              qt.zero_points.astype(types.np_uint4_dtype))
+        else:  # symmetric: unsigned codes around 2^(bits-1) become signed ones, no offset
+            signed = qt.codes[:, :k].astype(np.int16) - (1 << (qt.bits - 1))
+            encoded[const] = (signed.astype(types.np_int4_dtype if qt.bits == 4 else np.int8), scale, None)
+
+    class _Replace(AbstractGraphPass):
+        def apply(self, prog):
+            @block_context_manager
+            def apply_block(block):
+                for op in list(block.operations):
+                    if op.op_type == "const" and op.name in encoded:
+                        data, scale, offset = encoded[op.name]
+                        new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale, offset=offset, before_op=op,
+                                                                 name=op.name + "_quantized")
+                        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
+                                                           no_check_var_types=True)
+                        block.remove_ops([op])
+
+            for f in prog.functions.values():
+                apply_block(f)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = _apply_graph_pass(mlmodel, _Replace(), skip_model_load=True)
+    bits = em.tensor_bits
+    plan["tensors"] = len(encoded)
+    plan["int8_tensors"] = sorted(n for n, b in bits.items() if b == 8)
     return out
 
 
@@ -324,6 +415,9 @@ def export_coreml(
     tok = prepare_tokenizer(src, cfg, warn)
     from edgellama.export.model import Llama
 
+    em = None
+    if plan and plan["bits"] == 4:
+        src, em = int4_weights(src, plan, log)
     model = Llama.from_source(src)
     stateful = opts.stateful
     target_name, target_text = TARGETS[stateful]
@@ -332,7 +426,7 @@ def export_coreml(
         mlmodel = convert(model, ctx, stateful)
         if plan:
             log(f"export: compressing weights to int{plan['bits']} ({plan['granularity']})")
-            mlmodel = compress(mlmodel, plan)
+            mlmodel = compress_int4(mlmodel, src, em, plan) if em is not None else compress(mlmodel, plan)
         meta = mlmodel.user_defined_metadata
         meta.pop("com.github.apple.coremltools.conversion_date", None)  # a date would make every export differ
         meta["co.edgellama.version"] = __version__

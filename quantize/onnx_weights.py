@@ -178,6 +178,25 @@ class QuantizedWeights:
         return quantize(w, bits, block_size or self.opts.block_size, method, symmetric=sym, act_scale=act_scale,
                         scale_dtype=self.opts.scale_dtype, hessian=self._hessian(name))
 
+    def quantize_tensor(self, name: str, w: np.ndarray) -> QuantizedTensor:
+        """One weight as this policy quantizes it, for a format that stores its own ops (Core ML).
+
+        name: an HF linear ("model.layers.3.mlp.down_proj") or a table ("model.embed_tokens",
+        "lm_head"). The same precision, block, method and calibration weighting as the ONNX nodes;
+        a table tied to the lm_head is quantized as the embedding is, once for both."""
+        o = self.opts
+        if name in ("model.embed_tokens", "lm_head"):
+            bits = 8 if (o.embeddings if name == "model.embed_tokens" else o.lm_head) == "int8" else 4
+            if name == "lm_head" and not self.cfg.tie_word_embeddings:
+                qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits))
+            else:
+                qt = self._quantize(w, bits, block_size=self.embedding_block)
+        else:
+            bits = self.bits_for(name)
+            qt = self._quantize(w, bits, self.act_scales.get(name), name, self.block_for(name, bits))
+        self.tensor_bits[name] = bits
+        return qt
+
     # -- node emission ------------------------------------------------------------------------
     def _scales(self, g, name: str, scales: np.ndarray) -> str:
         """The scales as a float32 graph value, stored in opts.scale_dtype (a folded Cast if float16)."""

@@ -224,10 +224,76 @@ def test_export_is_deterministic(ckpt, fp16_bundle, tmp_path):
 
 # --- compression ---------------------------------------------------------------------------------------------
 
-def test_int4_compresses_every_matrix_per_block_of_32(int4_bundle, fp16_bundle, model):
-    replay = Replay(int4_bundle / "model.mlpackage")
+def smoothed_model(ckpt) -> tuple[Llama, object]:
+    """The torch model the int4 program was traced from (smoothing folded in), and the quantizer's policy."""
+    plan = CE.quant_plan({"bits": 4}, stateful=True)
+    src, em = CE.int4_weights(load_source(ckpt), plan, log=lambda m: None)
+    return Llama.from_source(src), (src, em)
+
+
+def test_int4_holds_the_onnx_default_quantizer_s_tensors(int4_bundle, fp16_bundle, ckpt):
+    """Every matrix becomes a constexpr of exactly the codes, scales and offsets our quantizer gives it:
+    asymmetric int4 (uint4 codes and offsets) in blocks of 32, q/k in blocks of 16, symmetric int8 for
+    v/o, the tied table and the heaviest-tailed down_proj."""
     from coremltools.converters.mil.mil import types
 
+    replay = Replay(int4_bundle / "model.mlpackage")
+    model, (src, em) = smoothed_model(ckpt)
+    seen, int8 = 0, set()
+    for op in replay.function.operations:
+        if op.op_type != "constexpr_blockwise_shift_scale":
+            continue
+        var = op.outputs[0].name
+        name = next(n[: -len(".weight")] for n, p in model.named_parameters() if program_var(n) == var)
+        qt = em.quantize_tensor(name, src.tensors.get(name + ".weight"))
+        data, scale, offset = op.inputs["data"], op.inputs["scale"], op.inputs.get("offset")
+        n, k = data.shape
+        assert tuple(scale.shape) == (n, k // qt.block_size)
+        if qt.bits == 4:
+            assert data.dtype == types.uint4 and offset is not None and offset.dtype == types.uint4
+            assert np.array_equal(data.val, qt.codes[:, :k]) and np.array_equal(offset.val, qt.zero_points)
+            assert qt.block_size == (16 if name.endswith(("q_proj", "k_proj")) else 32)
+        else:
+            assert data.dtype == types.int8 and offset is None and qt.block_size == 32
+            assert np.array_equal(data.val.astype(np.int16) + 128, qt.codes[:, :k])
+            int8.add(name.rsplit(".", 1)[-1])
+        assert np.array_equal(scale.val, qt.scales.astype(np.float16))
+        decoded = replay.weight(var)
+        assert np.array_equal(decoded, op.materialized_val_inference())  # our decoder == coremltools'
+        assert np.allclose(decoded, qt.dequantize(), rtol=2e-3, atol=1e-6)  # fp16 rounding only
+        seen += 1
+    assert seen == 1 + 7 * TINY.num_hidden_layers  # tied embedding + every projection, K/V too
+    assert {"embed_tokens", "v_proj", "o_proj"} <= int8 and "q_proj" not in int8
+    m = read_manifest(int4_bundle)
+    q = m.quantization
+    assert q["bits"] == 4 and q["method"] == "mixed" and q["tensors"] == seen and q["smoothing"]["groups"] > 0
+    assert q["calibration"].startswith("random") and q["qk_block_size"] == 16
+    assert (q["embeddings"], q["scale_dtype"], q["activation"]) == ("int8", "float16", "fp16")
+    size = lambda b: next((b / "model.mlpackage").rglob("weight.bin")).stat().st_size
+    assert size(int4_bundle) < 0.5 * size(fp16_bundle)
+
+
+def test_int4_program_equals_torch_with_its_dequantized_weights(int4_bundle, fp16_bundle, ckpt, model):
+    replay = Replay(int4_bundle / "model.mlpackage")
+    smoothed, _ = smoothed_model(ckpt)
+    assert min(compare(engine(fp16_bundle), smoothed)) >= 0.9999  # smoothing keeps the function
+    ref, swapped = dequantized_torch(smoothed, replay)
+    assert swapped == 1 + 7 * TINY.num_hidden_layers
+    cos = compare(CoreMLEngine(int4_bundle, read_manifest(int4_bundle), backend=replay), ref)
+    assert min(cos) >= 0.9999
+    assert min(compare(engine(int4_bundle), model)) < 0.9999  # the weights did change: int4 is lossy
+
+
+def test_int4_rtn_is_coremltools_linear_symmetric_on_every_matrix(fp16_bundle, model, tmp_path):
+    """`--method rtn`: the smaller, less faithful int4 (every matrix int4, symmetric, blocks of 32)."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil import types
+
+    plan = CE.quant_plan({"bits": 4, "method": "rtn"}, stateful=True)
+    assert plan["method"] == "rtn" and plan["symmetric"] and plan["block_size"] == 32
+    package = tmp_path / "rtn.mlpackage"
+    CE.compress(ct.models.MLModel(str(fp16_bundle / "model.mlpackage"), skip_model_load=True), plan).save(str(package))
+    replay = Replay(package)
     weights = {program_var(n): p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
     seen = 0
     for op in replay.function.operations:
@@ -237,28 +303,12 @@ def test_int4_compresses_every_matrix_per_block_of_32(int4_bundle, fp16_bundle, 
         assert data.dtype == types.int4 and op.inputs.get("offset") is None  # linear symmetric
         n, k = data.shape
         assert tuple(scale.shape) == (n, k // 32)
-        codes = data.val
-        assert codes.min() >= -8 and codes.max() <= 7
         decoded = replay.weight(op.outputs[0].name)
-        assert np.array_equal(decoded, op.materialized_val_inference())  # our decoder == coremltools'
         original = weights[op.outputs[0].name]
         step = np.repeat(scale.val.astype(np.float32), 32, axis=1)
         assert np.all(np.abs(decoded - original) <= step / 2 + np.abs(original) * 2e-3 + 1e-6)  # round to nearest
         seen += 1
-    assert seen == len(weights) == 1 + 7 * TINY.num_hidden_layers  # tied embedding + every projection, K/V too
-    m = read_manifest(int4_bundle)
-    assert m.quantization["bits"] == 4 and m.quantization["block_size"] == 32 and m.quantization["tensors"] == seen
-    size = lambda b: next((b / "model.mlpackage").rglob("weight.bin")).stat().st_size
-    assert size(int4_bundle) < 0.4 * size(fp16_bundle)
-
-
-def test_int4_program_equals_torch_with_its_dequantized_weights(int4_bundle, model):
-    replay = Replay(int4_bundle / "model.mlpackage")
-    ref, swapped = dequantized_torch(model, replay)
-    assert swapped == 1 + 7 * TINY.num_hidden_layers
-    cos = compare(CoreMLEngine(int4_bundle, read_manifest(int4_bundle), backend=replay), ref)
-    assert min(cos) >= 0.9999
-    assert min(compare(engine(int4_bundle), model)) < 0.9999  # the weights did change: int4 is lossy
+    assert seen == len(weights) == plan["tensors"] == 1 + 7 * TINY.num_hidden_layers
 
 
 def test_int8_per_channel_on_ios18(fp16_bundle, model, tmp_path):
@@ -342,7 +392,8 @@ def not_llama(tmp_path) -> Path:
     (["--dtype", "fp32"], "fp16"),
     (["--portable"], "onnx only"),
     (["--device", "iphone-15-pro"], "onnx only"),
-    (["--quant", "int4", "--block-size", "24"], "does not divide"),
+    (["--quant", "int4", "--block-size", "24"], "power of two"),
+    (["--quant", "int4", "--method", "rtn", "--block-size", "24"], "does not divide"),
     (["--quant", "int8", "--method", "hqq"], "onnx only"),
     (["--quant", "int8", "--no-smooth"], "--no-smooth"),
 ])
@@ -377,7 +428,8 @@ def test_failed_conversion_leaves_no_bundle(ckpt, tmp_path, monkeypatch):
 @pytest.mark.parametrize("quant", [None, 8, 4])
 def test_smollm2_replay_matches_torch(tmp_path, quant):
     src = load_source("smollm2-135m-instruct")
-    ref = Llama.from_source(src)
+    # int4 traces the smoothed model (the same function; its weights are what the program quantizes)
+    ref = Llama.from_source(CE.int4_weights(src, CE.quant_plan({"bits": 4}, True), print)[0] if quant == 4 else src)
     out = tmp_path / "smol"
     report = CE.export_coreml(src, out, CE.CoreMLOptions(max_context=256, quant={"bits": quant} if quant else None))
     print(f"SmolLM2 Core ML {'fp16' if not quant else f'int{quant}'}: model.mlpackage {report.package_bytes / 1e6:.1f} MB")

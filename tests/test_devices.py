@@ -148,14 +148,16 @@ def test_llama_3_2_1b_int4_weights_match_an_independent_count():
 
     onnx = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096, embed_quant="int4")  # fp32 scales
     assert onnx.weights_bytes == _int4_bytes(linear + embed, 32, 4) + norms * 4
-    coreml = plan(LLAMA_1B, get_profile("iphone-15-pro"), quant="int4", max_context=4096)  # fp16, every matrix int4
+    coreml = plan(LLAMA_1B, get_profile("iphone-15-pro"), quant="int4", max_context=4096, embed_quant="int4")  # fp16
     assert coreml.weights_bytes == _int4_bytes(linear + embed, 32, 2) + norms * 2
     for p in (onnx, coreml):
         assert 0.7e9 <= p.weights_bytes <= 0.8e9
-    # An ONNX int4 bundle keeps its embedding/lm_head at int8 unless told otherwise, and so does its plan.
+    # An int4 bundle, ONNX or Core ML, keeps its embedding/lm_head at int8 unless told otherwise; so does its plan.
     default = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096)
     assert default.weights_bytes == plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096,
                                          embed_quant="int8").weights_bytes
+    assert plan(LLAMA_1B, get_profile("iphone-15-pro"), quant="int4", max_context=4096).weights_bytes == plan(
+        LLAMA_1B, get_profile("iphone-15-pro"), quant="int4", max_context=4096, embed_quant="int8").weights_bytes
     # plan prices int8 per output channel (one fp32 scale per row)
     assert default.weights_bytes - onnx.weights_bytes == embed + s.vocab_size * 4 - _int4_bytes(embed, 32, 4)
     bigger_blocks = plan(LLAMA_1B, get_profile("pixel-8"), quant="int4", max_context=4096, block_size=128,
