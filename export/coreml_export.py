@@ -86,12 +86,15 @@ def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] |
     (docs/ios.md)."""
     if not quant:
         return None
+    ours = quant.get("bits") == 4 and quant.get("method") in (None, "mixed")
+    allowed = ("bits", "block_size", "method", "calib", "smooth") if ours else ("bits", "block_size")
     unsupported = sorted(k for k, v in quant.items()
-                         if k not in ("bits", "block_size") and v is not None and (k, v) != ("method", "rtn"))
+                         if k not in allowed and v is not None and (k, v) != ("method", "rtn"))
     if unsupported:
         flag = "no-smooth" if unsupported[0] == "smooth" else unsupported[0].replace("_", "-")
-        raise EdgeLlamaError(f"--{flag} applies to --format onnx only "
-                             "(Core ML takes --quant and --block-size)")
+        raise EdgeLlamaError(f"--{flag} does not apply to a Core ML {'int4' if quant.get('bits') == 4 else 'int8'} "
+                             "export with these options (Core ML int4 takes --block-size, --calib and --no-smooth; "
+                             "--method rtn and int8 take --block-size)")
     bits = quant.get("bits")
     if bits not in (4, 8):
         raise EdgeLlamaError(f"unsupported quantization bits {bits!r} (4 or 8)")
@@ -106,8 +109,11 @@ def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] |
     if bits == 4 and quant.get("method") != "rtn":
         if block < 16 or block & (block - 1):
             raise EdgeLlamaError(f"--block-size must be a power of two >= 16, got {block}")
-        return {"bits": 4, "block_size": block, "granularity": "per_block", "method": "mixed", "symmetric": False,
-                "tool": "edgellama (constexpr_blockwise_shift_scale)"}
+        plan = {"bits": 4, "block_size": block, "granularity": "per_block", "method": "mixed", "symmetric": False,
+                "tool": "edgellama (constexpr_blockwise_shift_scale)", "smooth": quant.get("smooth", True) is not False}
+        if quant.get("calib") is not None:
+            plan["calib"] = str(quant["calib"])
+        return plan
     return {"bits": bits, "block_size": block, "granularity": "per_block" if block else "per_channel",
             "method": "rtn", "symmetric": True, "tool": "coremltools.optimize.coreml.linear_quantize_weights"}
 
@@ -203,13 +209,16 @@ def int4_weights(src: Source, plan: dict[str, Any], log: Callable[[str], None]):
     from edgellama.export.calibration import calibrate, rank_int8_layers, smooth_source
     from edgellama.quantize.onnx_weights import make_emitter
 
-    cal = calibrate(src, keep_inputs=False, log=log)
-    em, _ = make_emitter(src.config, {"bits": 4, "block_size": plan["block_size"], "act_scales": cal.act_scales},
-                         form="fast", fallback=None)
+    smooth = plan.get("smooth", True)
+    cal = None  # as for ONNX: --no-smooth without --calib calibrates nothing
+    if smooth or plan.get("calib"):
+        cal = calibrate(src, Path(plan["calib"]) if plan.get("calib") else None, keep_inputs=False, log=log)
+    em, _ = make_emitter(src.config, {"bits": 4, "block_size": plan["block_size"],
+                                      "act_scales": cal.act_scales if cal else None}, form="fast", fallback=None)
     rank_int8_layers(src, em)
-    smoothed, record = smooth_source(src, em, log)
+    smoothed, record = smooth_source(src, em, log) if smooth else (src, None)
     o = em.opts
-    plan.update(calibration=cal.source, smoothing=record, qk_block_size=em.block_for("q_proj", 4),
+    plan.update(calibration=cal.source if cal else None, smoothing=record, qk_block_size=em.block_for("q_proj", 4),
                 int8_block_size=em.block_for("", 8), embeddings=o.embeddings, lm_head=o.lm_head,
                 scale_dtype="float16", activation="fp16")  # Core ML decodes to fp16 weights, computes in fp16
     return smoothed, em

@@ -284,6 +284,24 @@ def test_int4_program_equals_torch_with_its_dequantized_weights(int4_bundle, fp1
     assert min(compare(engine(int4_bundle), model)) < 0.9999  # the weights did change: int4 is lossy
 
 
+def test_int4_takes_calib_text_and_no_smooth(ckpt, model, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 900}" for i in range(0, 5000, 7)))
+    calibrated = tmp_path / "calibrated"
+    assert main(["export", str(ckpt), "--format", "coreml", "-o", str(calibrated), "--max-context", str(CTX),
+                 "--quant", "int4", "--calib", str(text)]) == 0
+    q = read_manifest(calibrated).quantization
+    assert q["calibration"] == "calib.txt" and q["smoothing"]["groups"] > 0
+    plain = tmp_path / "plain"
+    assert main(["export", str(ckpt), "--format", "coreml", "-o", str(plain), "--max-context", str(CTX),
+                 "--quant", "int4", "--no-smooth"]) == 0
+    q = read_manifest(plain).quantization
+    assert q["calibration"] is None and q["smoothing"] is None and q["int8_tensors"]
+    replay = Replay(plain / "model.mlpackage")
+    ref, _ = dequantized_torch(model, replay)  # unsmoothed: the original norms
+    assert min(compare(CoreMLEngine(plain, read_manifest(plain), backend=replay), ref)) >= 0.9999
+
+
 def test_int4_rtn_is_coremltools_linear_symmetric_on_every_matrix(fp16_bundle, model, tmp_path):
     """`--method rtn`: the smaller, less faithful int4 (every matrix int4, symmetric, blocks of 32)."""
     import coremltools as ct
@@ -394,7 +412,8 @@ def not_llama(tmp_path) -> Path:
     (["--device", "iphone-15-pro"], "onnx only"),
     (["--quant", "int4", "--block-size", "24"], "power of two"),
     (["--quant", "int4", "--method", "rtn", "--block-size", "24"], "does not divide"),
-    (["--quant", "int8", "--method", "hqq"], "onnx only"),
+    (["--quant", "int8", "--method", "hqq"], "does not apply"),
+    (["--quant", "int4", "--method", "rtn", "--calib", "x.txt"], "does not apply"),
     (["--quant", "int8", "--no-smooth"], "--no-smooth"),
 ])
 def test_bad_options_are_one_line_errors(ckpt, tmp_path, capsys, monkeypatch, extra, message):
