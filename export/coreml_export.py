@@ -210,9 +210,10 @@ def int4_weights(src: Source, plan: dict[str, Any], log: Callable[[str], None]):
     from edgellama.quantize.onnx_weights import make_emitter
 
     smooth = plan.get("smooth", True)
+    calib = plan.pop("calib", None)  # the record keeps the text's name (calibration), not a local path
     cal = None  # as for ONNX: --no-smooth without --calib calibrates nothing
-    if smooth or plan.get("calib"):
-        cal = calibrate(src, Path(plan["calib"]) if plan.get("calib") else None, keep_inputs=False, log=log)
+    if smooth or calib:
+        cal = calibrate(src, Path(calib) if calib else None, keep_inputs=False, log=log)
     em, _ = make_emitter(src.config, {"bits": 4, "block_size": plan["block_size"],
                                       "act_scales": cal.act_scales if cal else None}, form="fast", fallback=None)
     rank_int8_layers(src, em)
@@ -425,7 +426,7 @@ def export_coreml(
     from edgellama.export.model import Llama
 
     em = None
-    if plan and plan["bits"] == 4:
+    if plan and plan["method"] == "mixed":
         src, em = int4_weights(src, plan, log)
     model = Llama.from_source(src)
     stateful = opts.stateful

@@ -291,7 +291,7 @@ def test_int4_takes_calib_text_and_no_smooth(ckpt, model, tmp_path):
     assert main(["export", str(ckpt), "--format", "coreml", "-o", str(calibrated), "--max-context", str(CTX),
                  "--quant", "int4", "--calib", str(text)]) == 0
     q = read_manifest(calibrated).quantization
-    assert q["calibration"] == "calib.txt" and q["smoothing"]["groups"] > 0
+    assert q["calibration"] == "calib.txt" and q["smoothing"]["groups"] > 0 and "calib" not in q
     plain = tmp_path / "plain"
     assert main(["export", str(ckpt), "--format", "coreml", "-o", str(plain), "--max-context", str(CTX),
                  "--quant", "int4", "--no-smooth"]) == 0
@@ -302,16 +302,16 @@ def test_int4_takes_calib_text_and_no_smooth(ckpt, model, tmp_path):
     assert min(compare(CoreMLEngine(plain, read_manifest(plain), backend=replay), ref)) >= 0.9999
 
 
-def test_int4_rtn_is_coremltools_linear_symmetric_on_every_matrix(fp16_bundle, model, tmp_path):
+def test_int4_rtn_is_coremltools_linear_symmetric_on_every_matrix(ckpt, model, tmp_path):
     """`--method rtn`: the smaller, less faithful int4 (every matrix int4, symmetric, blocks of 32)."""
-    import coremltools as ct
     from coremltools.converters.mil.mil import types
 
-    plan = CE.quant_plan({"bits": 4, "method": "rtn"}, stateful=True)
-    assert plan["method"] == "rtn" and plan["symmetric"] and plan["block_size"] == 32
-    package = tmp_path / "rtn.mlpackage"
-    CE.compress(ct.models.MLModel(str(fp16_bundle / "model.mlpackage"), skip_model_load=True), plan).save(str(package))
-    replay = Replay(package)
+    out = tmp_path / "rtn"
+    assert main(["export", str(ckpt), "--format", "coreml", "-o", str(out), "--max-context", str(CTX),
+                 "--quant", "int4", "--method", "rtn"]) == 0
+    plan = read_manifest(out).quantization
+    assert plan["method"] == "rtn" and plan["symmetric"] and plan["block_size"] == 32 and "smoothing" not in plan
+    replay = Replay(out / "model.mlpackage")
     weights = {program_var(n): p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
     seen = 0
     for op in replay.function.operations:
