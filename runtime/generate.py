@@ -128,7 +128,7 @@ def load_for_prompt(bundle_dir: str | os.PathLike, prompt: str, *, chat: bool = 
         from edgellama.runtime.engine import DEFAULT_CONTEXT
 
         # The last token sampled is never fed back: prompt + max_new_tokens - 1 positions suffice.
-        need = max(1, len(ids) + max_new_tokens - 1)
+        need = len(ids) + max(max_new_tokens - 1, 0)
         max_context = min(need, DEFAULT_CONTEXT, model.manifest.context_length)
     _start(model, provider, threads, max_context, adapter)
     return model, ids
