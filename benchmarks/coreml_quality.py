@@ -17,14 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
 from degrid_smollm2 import degridded_smollm2  # noqa: E402
-from quality import heldout_text  # noqa: E402
+from quality import texts_or_heldout  # noqa: E402
 
 WINDOW = 512
 VARIANTS = {"fp16": None, "int8": {"bits": 8}, "int4": {"bits": 4}, "int4-rtn": {"bits": 4, "method": "rtn"}}
@@ -44,7 +43,7 @@ def build(folder: Path, out: Path, quant: dict | None) -> Path:
 def score_bundle(bundle: Path, ref, texts: list[Path], max_tokens: int) -> list[dict]:
     from coreml_replay import Replay
 
-    from edgellama.export.evaluate import score, windows
+    from edgellama.export.evaluate import score_windows, windows
     from edgellama.runtime.bundle import read_manifest
     from edgellama.runtime.coreml_engine import CoreMLEngine
     from edgellama.runtime.tokenizer import Tokenizer
@@ -55,13 +54,9 @@ def score_bundle(bundle: Path, ref, texts: list[Path], max_tokens: int) -> list[
     bos = manifest.tokens.bos_id if manifest.tokens.add_bos else None
     out = []
     for text in texts:
-        parts = []
-        for w in windows(tok.encode(text.read_text(encoding="utf-8"))[:max_tokens], WINDOW, bos):
-            engine.reset()
-            got = engine.forward(w, all_logits=True)
-            parts.append(score(ref.logits(w)[:-1], got[:-1], np.asarray(w[1:])))
-        kl = np.concatenate([p["kl"] for p in parts])
-        out.append({"kld_mean": float(kl.mean()), "top1": float(np.concatenate([p["top1"] for p in parts]).mean())})
+        wins = windows(tok.encode(text.read_text(encoding="utf-8"))[:max_tokens], WINDOW, bos)
+        s = score_windows(engine, ref, wins)
+        out.append({"kld_mean": float(s["kl"].mean()), "top1": float(s["top1"].mean())})
     return out
 
 
@@ -77,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     folder = degridded_smollm2()
-    texts = args.text
-    if not texts:
-        texts = [args.work / "heldout.txt"]
-        texts[0].write_text(heldout_text(), encoding="utf-8")
+    texts = texts_or_heldout(args.text, args.work)
     ref = Reference(folder)
     print("| Core ML bundle | model.mlpackage MB | " + " | ".join(f"KLD {t.stem} | top-1 {t.stem}" for t in texts) + " |")
     print("|---|---:|" + "---:|---:|" * len(texts))

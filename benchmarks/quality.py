@@ -54,6 +54,15 @@ def heldout_text(min_words: int = 12) -> str:
     return "\n\n".join(paras)
 
 
+def texts_or_heldout(texts: list[Path] | None, work: Path) -> list[Path]:
+    """The texts given on the command line, or heldout_text() written under `work`."""
+    if texts:
+        return texts
+    path = work / "heldout.txt"
+    path.write_text(heldout_text(), encoding="utf-8")
+    return [path]
+
+
 def _bundle(work: Path, name: str, quant: dict, fp32: Path) -> Path:
     from edgellama.export.requantize import quantize_bundle
     from edgellama.quantize.onnx_weights import QuantOptions
@@ -108,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = args.work / "fp32"
     if not (fp32 / "edgellama.json").is_file():
         export_onnx(folder, fp32, ExportOptions(force=True, verify=False), log=lambda m: None)
-    text = args.work / "heldout.txt"
-    text.write_text(heldout_text(), encoding="utf-8")
+    text, = texts_or_heldout(None, args.work)
     ref = Reference(fp32)
     rows = []
     for name, quant in CONFIGS:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from degrid_smollm2 import degridded_smollm2  # noqa: E402
-from quality import _bundle, heldout_text  # noqa: E402
+from quality import _bundle, texts_or_heldout  # noqa: E402
 
 CONFIGS: list[tuple[str, dict]] = [
     ("int4 default (mixed)", {"bits": 4}),
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     folder = degridded_smollm2()
-    texts = args.text
-    if not texts:
-        texts = [args.work / "heldout.txt"]
-        texts[0].write_text(heldout_text(), encoding="utf-8")
+    texts = texts_or_heldout(args.text, args.work)
     sources = {"original": folder, f"rotated ({args.kind})": rotated_copy(folder, args.work / f"hf-{args.kind}", args.kind)}
     fp32 = {}
     for label, src in sources.items():

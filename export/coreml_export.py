@@ -218,10 +218,7 @@ def int4_weights(src: Source, plan: dict[str, Any], log: Callable[[str], None]):
                                       "act_scales": cal.act_scales if cal else None}, form="fast", fallback=None)
     rank_int8_layers(src, em)
     smoothed, record = smooth_source(src, em, log) if smooth else (src, None)
-    o = em.opts
-    plan.update(calibration=cal.source if cal else None, smoothing=record, qk_block_size=em.block_for("q_proj", 4),
-                int8_block_size=em.block_for("", 8), embeddings=o.embeddings, lm_head=o.lm_head,
-                scale_dtype="float16", activation="fp16")  # Core ML decodes to fp16 weights, computes in fp16
+    plan.update(calibration=cal.source if cal else None, smoothing=record)
     return smoothed, em
 
 
@@ -279,9 +276,11 @@ def compress_int4(mlmodel, src: Source, em, plan: dict[str, Any]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = _apply_graph_pass(mlmodel, _Replace(), skip_model_load=True)
-    bits = em.tensor_bits
+    summary = em.summary()  # the ONNX record's fields for the same tensors
+    plan.update({k: summary[k] for k in ("qk_block_size", "int8_block_size", "int8_tensors", "embeddings", "lm_head",
+                                         "scale_dtype") if k in summary})
+    plan["activation"] = "fp16"  # Core ML decodes the weights to fp16 and computes in fp16
     plan["tensors"] = len(encoded)
-    plan["int8_tensors"] = sorted(n for n, b in bits.items() if b == 8)
     return out
 
 

@@ -199,6 +199,18 @@ def score(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict[str, np
             "top1": ref.argmax(-1) == got.argmax(-1)}
 
 
+def score_windows(engine, ref: "Reference", wins: list[list[int]], progress: "Progress | None" = None) -> dict[str, np.ndarray]:
+    """score() over every window, each run from an empty cache through `engine` (ONNX or Core ML), concatenated."""
+    parts: list[dict[str, np.ndarray]] = []
+    for w in wins:
+        engine.reset()
+        got = engine.forward(w, all_logits=True)
+        parts.append(score(ref.logits(w)[:-1], got[:-1], np.asarray(w[1:])))
+        if progress is not None:
+            progress.update(len(w))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def weight_bytes(bundle_dir: Path, manifest: B.Manifest) -> int:
     """Bytes of the graph's weight initializers (codes, scales, zero points, norms), each counted once."""
     from edgellama.export.bundle_source import scan_initializers
@@ -250,21 +262,13 @@ def evaluate(
     if window > ref_cfg.max_position_embeddings:
         raise EdgeLlamaError(f"--window {window} exceeds the reference's {ref_cfg.max_position_embeddings} positions")
     t0 = time.perf_counter()
-    parts: list[dict[str, np.ndarray]] = []
     bar = Progress(sum(len(w) for w in wins), "eval", progress)
     with all_logits_bundle(root, manifest) as (run_dir, run_manifest):
         engine = OnnxEngine(run_dir, run_manifest, threads=threads, max_context=max(len(w) for w in wins))
-        for w in wins:
-            engine.reset()
-            got = engine.forward(w, all_logits=True)
-            parts.append(score(ref.logits(w)[:-1], got[:-1], np.asarray(w[1:])))
-            bar.update(len(w))
+        scores = score_windows(engine, ref, wins, bar)
         del engine
     bar.close()
-    kl = np.concatenate([p["kl"] for p in parts])
-    nll = np.concatenate([p["nll"] for p in parts])
-    ref_nll = np.concatenate([p["ref_nll"] for p in parts])
-    top1 = np.concatenate([p["top1"] for p in parts])
+    kl, nll, ref_nll, top1 = (scores[k] for k in ("kl", "nll", "ref_nll", "top1"))
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     return {
         "ppl": float(np.exp(nll.mean())),

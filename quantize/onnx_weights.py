@@ -164,10 +164,13 @@ class QuantizedWeights:
             return min(self.opts.block_size, QK_BLOCK)
         return self.opts.block_size
 
+    def table_bits(self, name: str) -> int:
+        """Bits of a quantized table: "model.embed_tokens" (--embeddings) or "lm_head" (--lm-head)."""
+        return 8 if (self.opts.embeddings if name == "model.embed_tokens" else self.opts.lm_head) == "int8" else 4
+
     @property
     def embedding_block(self) -> int:
-        bits = 8 if self.opts.embeddings == "int8" else 4
-        return self.opts.embedding_block_size or self.block_for("model.embed_tokens", bits)
+        return self.opts.embedding_block_size or self.block_for("model.embed_tokens", self.table_bits("model.embed_tokens"))
 
     def _quantize(self, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None,
                   name: str | None = None, block_size: int | None = None) -> QuantizedTensor:
@@ -184,9 +187,8 @@ class QuantizedWeights:
         name: an HF linear ("model.layers.3.mlp.down_proj") or a table ("model.embed_tokens",
         "lm_head"). The same precision, block, method and calibration weighting as the ONNX nodes;
         a table tied to the lm_head is quantized as the embedding is, once for both."""
-        o = self.opts
         if name in ("model.embed_tokens", "lm_head"):
-            bits = 8 if (o.embeddings if name == "model.embed_tokens" else o.lm_head) == "int8" else 4
+            bits = self.table_bits(name)
             if name == "lm_head" and not self.cfg.tie_word_embeddings:
                 qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits))
             else:
@@ -262,7 +264,7 @@ class QuantizedWeights:
         o = self.opts
         if o.embeddings == "keep":
             return self.fallback.embedding(g, ids, w, tied)
-        bits = 8 if o.embeddings == "int8" else 4
+        bits = self.table_bits("model.embed_tokens")
         qt = self._quantize(w, bits, block_size=self.embedding_block)
         self.tensor_bits["model.embed_tokens"] = bits
         H = self.cfg.hidden_size
@@ -316,7 +318,7 @@ class QuantizedWeights:
             inputs = [x, t["qweight"], t["scales"]] + ([t["qzeros"]] if t["qzeros"] else [])
             return g.node("MatMulNBits", inputs, name="lm_head/MatMulNBits", domain=MS_DOMAIN,
                           accuracy_level=o.accuracy_level, **attrs)
-        bits = 8 if o.lm_head == "int8" else 4
+        bits = self.table_bits("lm_head")
         qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits))
         self.tensor_bits["lm_head"] = bits
         if self.fast:
