@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -125,9 +126,6 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from contextlib import closing
-
-    from edgellama.errors import EdgeLlamaError
     from edgellama.runtime.generate import ChatSession, load
 
     params = _params(args)
@@ -135,59 +133,75 @@ def _chat(args: argparse.Namespace) -> int:
                  adapter=args.adapter)
     session = ChatSession(model, system=args.system, params=params, truncate=args.truncate)
     interactive = sys.stdin.isatty()
+    # A shell that starts a job in the background (or CI without a terminal) hands it SIGINT
+    # ignored, and Python then keeps it ignored: Ctrl-C / kill -INT would not stop an answer.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if interactive:
         print("edgellama chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
+        # Ctrl-C can land anywhere in a turn, not only while reading or generating: whatever the
+        # turn was doing, the chat goes on to the next line.
         try:
-            line = _read_line(interactive)
+            if not _chat_turn(session, model, interactive):
+                break
         except KeyboardInterrupt:
             print(file=sys.stderr)
-            continue
-        except EdgeLlamaError as exc:  # one bad line does not end the conversation
-            print(f"edgellama: error: {exc}", file=sys.stderr)
-            continue
-        if line is None:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line.startswith("/adapter "):
-            name = line.split(None, 1)[1]
-            try:
-                session.set_adapter(None if name == "none" else name)
-            except EdgeLlamaError as exc:
-                print(f"edgellama: error: {exc}", file=sys.stderr)
-            else:
-                print(f"(adapter: {model.adapter or 'none'}; the conversation is prefilled again)", file=sys.stderr)
-            continue
-        if line == "/reset":
-            session.reset()
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        last = None
-        try:
-            # closing(): on Ctrl-C the answer's generator is finalized here and now, so the session
-            # records what the cache holds before the next line is read.
-            with closing(session.send(line)) as events:
-                for event in events:
-                    last = event
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write("\n")  # each answer, even a cut one, ends its line on stdout
-            sys.stdout.flush()
-            print("(stopped)", file=sys.stderr)
-            continue
-        except EdgeLlamaError as exc:  # e.g. the context is full: the session goes on
-            print(f"edgellama: error: {exc}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if last is not None and interactive:
-            print(_stats_line(last.stats), file=sys.stderr)
     return 0
+
+
+def _chat_turn(session, model, interactive: bool) -> bool:
+    """Read one line and act on it (a command, or an answer streamed to stdout); False at the end."""
+    from contextlib import closing
+
+    from edgellama.errors import EdgeLlamaError
+
+    try:
+        line = _read_line(interactive)
+    except EdgeLlamaError as exc:  # one bad line does not end the conversation
+        print(f"edgellama: error: {exc}", file=sys.stderr)
+        return True
+    if line is None:
+        return False
+    line = line.strip()
+    if not line:
+        return True
+    if line in ("/exit", "/quit"):
+        return False
+    if line.startswith("/adapter "):
+        name = line.split(None, 1)[1]
+        try:
+            session.set_adapter(None if name == "none" else name)
+        except EdgeLlamaError as exc:
+            print(f"edgellama: error: {exc}", file=sys.stderr)
+        else:
+            print(f"(adapter: {model.adapter or 'none'}; the conversation is prefilled again)", file=sys.stderr)
+        return True
+    if line == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=sys.stderr)
+        return True
+    last = None
+    try:
+        # closing(): on Ctrl-C the answer's generator is finalized here and now, so the session
+        # records what the cache holds before the next line is read.
+        with closing(session.send(line)) as events:
+            for event in events:
+                last = event
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")  # each answer, even a cut one, ends its line on stdout
+        sys.stdout.flush()
+        print("(stopped)", file=sys.stderr)
+        return True
+    except EdgeLlamaError as exc:  # e.g. the context is full: the session goes on
+        print(f"edgellama: error: {exc}", file=sys.stderr)
+        return True
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is not None and interactive:
+        print(_stats_line(last.stats), file=sys.stderr)
+    return True
 
 
 # -- pack / verify: one archive an app downloads, and the check it runs before loading ---------
