@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ OSES = ("ios", "android", "macos", "linux", "windows")
 FORMATS = ("onnx", "coreml")
 COREML_COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # coremltools.ComputeUnit names
 # Numbers that drive the planner; each must say where it came from.
-FIGURES = ("total_ram_bytes", "app_memory_bytes", "memory_bandwidth_gbs", "cores", "efficiency")
+FIGURES = ("total_ram_bytes", "app_memory_bytes", "memory_bandwidth_gbs", "cores", "efficiency", "layer_cost_us")
 HOST = "host"
 BUILTIN_PATH = Path(__file__).with_name("profiles.json")
 
@@ -41,6 +41,9 @@ class DeviceProfile:
     default_context: int
     default_quant: str
     efficiency: float  # fraction of the bandwidth roofline reached in decode
+    # Time per layer per decoded token that does not scale with bytes read (op dispatch, attention,
+    # norms): a third of a SmolLM2 step on the host, so a pure roofline over-predicts small models.
+    layer_cost_us: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +55,7 @@ class DeviceProfile:
 _JSON_KEYS = tuple("class" if f.name == "device_class" else f.name for f in fields(DeviceProfile))
 _INTS = ("total_ram_bytes", "app_memory_bytes", "cores", "default_context")
 _FLOATS = ("memory_bandwidth_gbs", "efficiency")
+_OPTIONAL = {"layer_cost_us": 0.0}  # host files written before the field existed lack it
 _CHOICES = {"class": CLASSES, "os": OSES, "format": FORMATS, "default_quant": QUANTS}
 
 
@@ -68,6 +72,7 @@ def profile_from_dict(data: Any, origin: str) -> DeviceProfile:
     unknown = sorted(set(data) - set(_JSON_KEYS))
     if unknown:
         raise bad(unknown[0], f"is unknown (known fields: {', '.join(_JSON_KEYS)})")
+    data = {**_OPTIONAL, **data}
     for key in _JSON_KEYS:
         if key not in data:
             raise bad(key, "is missing")
@@ -84,6 +89,9 @@ def profile_from_dict(data: Any, origin: str) -> DeviceProfile:
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise bad(key, f"must be a positive number, got {value!r}")
+    cost = data["layer_cost_us"]
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
+        raise bad("layer_cost_us", f"must be a number >= 0, got {cost!r}")
     if data["efficiency"] > 1:
         raise bad("efficiency", f"is a fraction of the roofline and must be <= 1, got {data['efficiency']!r}")
     if data["app_memory_bytes"] > data["total_ram_bytes"]:
@@ -102,7 +110,7 @@ def profile_from_dict(data: Any, origin: str) -> DeviceProfile:
         if not isinstance(note, str) or not note.strip():
             raise bad("sources", f"has an empty note for {key!r}")
     for key in FIGURES:
-        if key not in sources:
+        if key not in sources and key not in _OPTIONAL:
             raise bad("sources", f"lacks a source note for {key!r}")
     return DeviceProfile(
         name=name,
@@ -117,7 +125,8 @@ def profile_from_dict(data: Any, origin: str) -> DeviceProfile:
         default_context=data["default_context"],
         default_quant=data["default_quant"],
         efficiency=float(data["efficiency"]),
-        sources=dict(sources),
+        layer_cost_us=float(cost),
+        sources={**({"layer_cost_us": "not given: 0"} if "layer_cost_us" not in sources else {}), **sources},
     )
 
 
@@ -153,18 +162,53 @@ def builtin_profiles() -> dict[str, DeviceProfile]:
 
 
 def load_catalog() -> dict[str, DeviceProfile]:
+    """The built-in profiles and `host`: this machine's RAM, free memory and cores read from the OS
+    now, with the bandwidth and speed figures of the host file (placeholders until a probe)."""
     catalog = builtin_profiles()
     path = host_profile_path()
+    host = catalog[HOST]
     if path.is_file():
         host = profile_from_dict(_read_json(path), str(path))
         if host.name != HOST:
             raise EdgeLlamaError(f"device profile {host.name!r} in {path}: field 'name' must be {HOST!r}")
-        catalog[HOST] = host
+        if host.sources.get("layer_cost_us") == "not given: 0":  # a file from before the field: the default
+            host = replace(host, layer_cost_us=catalog[HOST].layer_cost_us,
+                           sources={**host.sources, "layer_cost_us": catalog[HOST].sources["layer_cost_us"]})
+    catalog[HOST] = live_host(host)
     return catalog
 
 
-def get_profile(name: str) -> DeviceProfile:
+def live_host(host: DeviceProfile) -> DeviceProfile:
+    """`host` with what the OS says now: memory comes and goes, so a stored figure would go stale."""
+    from edgellama.devices.probe import app_memory_bytes, physical_cores, total_ram_bytes
+
+    total = total_ram_bytes()
+    return replace(host, total_ram_bytes=total, app_memory_bytes=app_memory_bytes(total), cores=physical_cores(),
+                   sources={**host.sources,
+                            "total_ram_bytes": "measured: MemTotal in /proc/meminfo (sysconf elsewhere)",
+                            "app_memory_bytes": "measured: MemAvailable now, capped by the cgroup memory limit",
+                            "cores": "measured: physical cores among the usable CPUs"})
+
+
+def is_probed(profile: DeviceProfile) -> bool:
+    return not profile.sources.get("memory_bandwidth_gbs", "").startswith("placeholder")
+
+
+def get_profile(name: str, *, probe: bool = True) -> DeviceProfile:
+    """One profile by name. `host` is probed on first use (a second or two, then cached in the host
+    file) unless probe=False, which returns its placeholder bandwidth instead."""
     catalog = load_catalog()
     if name not in catalog:
         raise EdgeLlamaError(f"unknown device {name!r}; known devices: {', '.join(catalog)}")
-    return catalog[name]
+    profile = catalog[name]
+    if name == HOST and probe and not is_probed(profile):
+        import sys
+
+        from edgellama.devices.probe import probe_host, write_host_profile
+
+        print("edgellama: measuring this machine's memory bandwidth once (`edgellama devices probe` redoes it)...",
+              file=sys.stderr, flush=True)
+        profile = probe_host(repeats=4)
+        path = write_host_profile(profile)
+        print(f"edgellama: {profile.memory_bandwidth_gbs:.1f} GB/s, stored in {path}", file=sys.stderr, flush=True)
+    return profile

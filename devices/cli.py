@@ -101,8 +101,10 @@ def _plan(args: argparse.Namespace) -> int:
             ) from None
         config = load_source(args.source).config.to_hf()
     shape = ModelShape.from_hf_config(config)
-    result = plan(shape, device, quant=args.quant or device.default_quant, max_context=args.max_context,
-                  block_size=args.block_size)
+    quant = args.quant or device.default_quant
+    weights = _weight_format(args.source, config, quant, args.block_size)
+    result = plan(shape, device, quant=quant, max_context=args.max_context, block_size=args.block_size,
+                  weights=weights)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -111,12 +113,12 @@ def _plan(args: argparse.Namespace) -> int:
         ["model", f"{shape.param_count() / 1e9:.2f}B params, {shape.num_hidden_layers} layers, hidden {shape.hidden_size}, "
                   f"vocab {shape.vocab_size} ({tied})"],
         ["device", f"{device.name} ({device.format}, {device.accelerator})"],
-        ["quant", result.quant + (f" (block {args.block_size})" if result.quant == "int4" else "")],
+        ["quant", weights.label if weights else result.quant + (f" (block {args.block_size})" if result.quant == "int4" else "")],
         ["context", f"{result.context} (KV cache {result.kv_dtype})"],
-        ["weights", _mib(result.weights_bytes)],
+        ["weights", f"{_mib(result.weights_bytes)} on disk, {_mib(result.weights_memory_bytes)} in memory"],
         ["KV cache", _mib(result.kv_bytes)],
         ["runtime overhead", _mib(result.overhead_bytes)],
-        ["total", _mib(result.total_bytes)],
+        ["total", f"{_mib(result.total_bytes)} (predicted peak RSS)"],
         ["budget", f"{_mib(result.budget_bytes)} (app memory)"],
         ["fits", "yes" if result.fits else "no"],
         ["max context", str(result.max_context)],
@@ -125,3 +127,34 @@ def _plan(args: argparse.Namespace) -> int:
     print(_table(["plan", "value"], rows))
     print(result.recommendation)
     return 0
+
+
+def _weight_format(source: str, config: dict, quant: str, block_size: int):
+    """The exact weight format to price: a quantized bundle's own record, or what an export at `quant`
+    would write (the quantizer's policy: int8 parts, q/k blocks); None (uniform) without the export extra."""
+    from pathlib import Path
+
+    from edgellama.devices.plan import WeightFormat
+    from edgellama.runtime.bundle import MANIFEST
+
+    if (Path(source) / MANIFEST).is_file():
+        from edgellama.runtime.bundle import read_manifest
+
+        try:
+            m = read_manifest(Path(source), verify=False)
+        except EdgeLlamaError:  # an architecture alone (read_model_config took it) plans like a config
+            m = None
+        if m and m.quantization and quant == f"int{m.quantization['bits']}":
+            return WeightFormat.from_record(m.quantization, m.dtype)
+    if quant not in ("int4", "int8"):
+        return None
+    try:
+        from edgellama.export.config import LlamaConfig
+        from edgellama.export.onnx_graph import FloatWeights
+        from edgellama.quantize.onnx_weights import make_emitter, planned_summary
+    except ModuleNotFoundError:
+        return None
+    cfg = LlamaConfig.from_hf({"model_type": "llama", **config})
+    quant_opts = {"bits": int(quant[3:])} | ({"block_size": block_size} if block_size != 32 else {})
+    emitter, _ = make_emitter(cfg, quant_opts, form="fast", fallback=FloatWeights())
+    return WeightFormat.from_record(planned_summary(emitter), "fp32")

@@ -1,14 +1,21 @@
 """Will a model fit on a device, with how much context, and how fast will it decode?
 
-Decode is memory-bound: each token reads every weight once (the embedding table
-only for one row) plus the KV cache so far, so tok/s ~ efficiency * bandwidth / bytes read.
+Decode is memory-bound: each token reads every weight once (the embedding table only for one
+row) plus the KV cache so far, and each layer also pays a fixed cost that does not scale with
+bytes (op dispatch, attention, norms):
+
+    seconds per token = bytes read / (efficiency x bandwidth) + layers x layer_cost_us
+
+On onnxruntime's CPU provider the bytes are the weights as MatMulNBits holds them after packing
+at load (accuracy_level 4: codes plus an fp32 scale and an fp32 block sum per block), not as the
+file stores them: int4 in blocks of 32 is 4.6 bits per weight on disk and 6 in memory.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +113,115 @@ def read_model_config(source: str | Path) -> dict[str, Any] | None:
 
 def matrix_bytes(rows: int, cols: int, quant: str, *, block_size: int, float_bytes: int) -> int:
     """Stored size of a [rows, cols] weight; quantization groups run along cols (the reduction axis)."""
+    return _precision(quant, block_size).file_bytes(rows, cols, float_bytes)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one weight matrix is stored: bits (4 or 8 quantized, 16 or 32 float) and block size."""
+
+    bits: int
+    block: int = 32
+    zero_points: bool = False  # asymmetric int4: a 4-bit zero point per block
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    def file_bytes(self, rows: int, cols: int, scale_bytes: int) -> int:
+        if not self.quantized:
+            return rows * cols * self.bits // 8
+        blocks = math.ceil(cols / self.block)  # cols padded to whole blocks
+        zp = math.ceil(blocks * self.bits / 8) if self.zero_points else 0
+        return rows * (blocks * self.block * self.bits // 8 + blocks * scale_bytes + zp)
+
+    def scales(self, rows: int, cols: int) -> int:
+        return rows * math.ceil(cols / self.block) if self.quantized else 0
+
+    def packed_bytes(self, rows: int, cols: int) -> int:
+        """In memory after MatMulNBits' prepack on CPU: codes, an fp32 scale and an fp32 block sum per block."""
+        if not self.quantized:
+            return rows * cols * self.bits // 8
+        blocks = math.ceil(cols / self.block)
+        zp = math.ceil(blocks * self.bits / 8) if self.zero_points else 0
+        return rows * (blocks * self.block * self.bits // 8 + blocks * 8 + zp)
+
+
+def _precision(quant: str, block: int) -> Precision:
     if quant in FLOAT_BYTES:
-        return rows * cols * FLOAT_BYTES[quant]
-    if quant == "int8":  # symmetric, one scale per row
-        return rows * cols + rows * float_bytes
-    blocks = math.ceil(cols / block_size)  # int4: a scale and a 4-bit zero point per block, cols padded to whole blocks
-    return rows * (blocks * block_size // 2 + blocks * float_bytes + math.ceil(blocks / 2))
+        return Precision(8 * FLOAT_BYTES[quant])
+    if quant == "int8":
+        return Precision(8, block)
+    if quant == "int4":
+        return Precision(4, block, zero_points=True)
+    raise EdgeLlamaError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+
+
+LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # linear_shapes' order
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Every weight's precision: one per linear kind, some kinds at int8 in a number of layers, and the
+    embedding table / lm_head. Built from a bundle's quantization record, or uniform for a plain quant."""
+
+    linear: dict[str, Precision]
+    int8_layers: dict[str, tuple[int, Precision]]  # kind -> (layers at int8, that precision)
+    table: Precision  # the input embedding
+    head: Precision  # the lm_head (the same table when tied)
+    scale_bytes: int  # per stored scale in the file
+    label: str
+
+    @classmethod
+    def uniform(cls, quant: str, block_size: int = 32, embed_quant: str | None = None, *,
+                scale_bytes: int = 4) -> "WeightFormat":
+        body, table = _precision(quant, block_size), _precision(embed_quant or quant, block_size)
+        label = quant + (f" (block {block_size})" if body.quantized else "")
+        return cls({leaf: body for leaf in LEAVES}, {}, table, table, scale_bytes, label)
+
+    @classmethod
+    def from_record(cls, q: dict[str, Any], dtype: str) -> "WeightFormat":
+        """From a manifest's quantization record: its block sizes and the names of its int8 tensors."""
+        bits, block = int(q["bits"]), int(q.get("block_size") or 32)
+        int4 = Precision(4, block, zero_points=not q.get("symmetric"))
+        int8 = Precision(8, int(q.get("int8_block_size") or block))
+        linear = {leaf: int4 if bits == 4 else Precision(8, block) for leaf in LEAVES}
+        if bits == 4 and q.get("qk_block_size"):
+            linear["q_proj"] = linear["k_proj"] = replace(int4, block=int(q["qk_block_size"]))
+        counts: dict[str, int] = {}
+        for name in q.get("int8_tensors") or []:
+            parts = name.split(".")
+            if len(parts) > 3 and parts[1] == "layers":
+                counts[parts[-1]] = counts.get(parts[-1], 0) + 1
+        table_block = int(q.get("embedding_block_size") or (int8.block if bits == 4 else block))
+
+        def table(choice: str | None) -> Precision:
+            if choice in (None, "keep"):
+                return _precision(dtype, block)
+            return Precision(8, table_block) if choice == "int8" else Precision(4, table_block, zero_points=True)
+
+        scale_bytes = 4 if q.get("scale_dtype") == "float32" else 2
+        label = q.get("preset") or f"int{bits} ({q.get('method', 'rtn')}, block {block})"
+        return cls(linear, {k: (n, int8) for k, n in counts.items()}, table(q.get("embeddings")),
+                   table(q.get("lm_head")), scale_bytes, label)
+
+    def _layer_sum(self, arch: "ModelShape", size) -> int:
+        total = 0
+        for leaf, (rows, cols) in zip(LEAVES, arch.linear_shapes()):
+            n8, p8 = self.int8_layers.get(leaf, (0, None))
+            for prec, n in ((self.linear[leaf], arch.num_hidden_layers - n8), (p8, n8)):
+                if prec is not None and n:
+                    total += n * size(prec, rows, cols)
+        return total
+
+    def layer_bytes(self, arch: "ModelShape", packed: bool) -> int:
+        """All decoder layers' linear weights, as stored (packed=False) or as MatMulNBits holds them."""
+        if packed:
+            return self._layer_sum(arch, lambda p, r, c: p.packed_bytes(r, c))
+        return self._layer_sum(arch, lambda p, r, c: p.file_bytes(r, c, self.scale_bytes))
+
+    def layer_scales(self, arch: "ModelShape") -> int:
+        return self._layer_sum(arch, lambda p, r, c: p.scales(r, c))
 
 
 @dataclass(frozen=True)
@@ -120,10 +230,11 @@ class Plan:
     quant: str
     context: int
     kv_dtype: str
-    weights_bytes: int
+    weights_bytes: int  # as the bundle stores them
+    weights_memory_bytes: int  # as the runtime holds them (onnxruntime CPU: packed at load)
     kv_bytes: int
     overhead_bytes: int
-    total_bytes: int
+    total_bytes: int  # the predicted peak RSS: weights in memory + KV cache + overhead
     budget_bytes: int
     fits: bool
     max_context: int  # largest context that fits at this quant (0: none), capped at max_position_embeddings
@@ -138,33 +249,48 @@ class Plan:
 
 @dataclass(frozen=True)
 class _Sizer:
-    """Byte counts for one (model, quant, dtype) choice; context is the only free variable."""
+    """Byte counts and decode time for one (model, weight format, device) choice; context is the only free variable."""
 
     arch: ModelShape
-    quant: str
-    embed_quant: str
-    block_size: int
+    fmt: WeightFormat
     float_bytes: int
     kv_bytes_per_elem: int
+    packed: bool  # onnxruntime's CPU provider: MatMulNBits packs quantized weights at load
 
-    def matrix(self, rows: int, cols: int, quant: str | None = None) -> int:
-        return matrix_bytes(rows, cols, quant or self.quant, block_size=self.block_size, float_bytes=self.float_bytes)
+    def _matrix(self, prec: Precision, rows: int, cols: int, packed: bool) -> int:
+        return prec.packed_bytes(rows, cols) if packed else prec.file_bytes(rows, cols, self.fmt.scale_bytes)
 
-    def layers(self) -> int:
-        a = self.arch
-        norms = (2 * a.num_hidden_layers + 1) * a.hidden_size * self.float_bytes
-        return a.num_hidden_layers * sum(self.matrix(o, i) for o, i in a.linear_shapes()) + norms
+    def norms(self) -> int:
+        return (2 * self.arch.num_hidden_layers + 1) * self.arch.hidden_size * self.float_bytes
 
     def weights(self) -> int:
-        a = self.arch
-        table = self.matrix(a.vocab_size, a.hidden_size, self.embed_quant)
-        return self.layers() + table * (1 if a.tie_word_embeddings else 2)  # a tied table is stored once
+        a, f = self.arch, self.fmt
+        table = self._matrix(f.table, a.vocab_size, a.hidden_size, False)
+        head = 0 if a.tie_word_embeddings else self._matrix(f.head, a.vocab_size, a.hidden_size, False)
+        return f.layer_bytes(a, packed=False) + table + head + self.norms()  # a tied table is stored once
+
+    def weights_in_memory(self) -> int:
+        if not self.packed:
+            return self.weights()
+        a, f = self.arch, self.fmt
+        head = self._matrix(f.head, a.vocab_size, a.hidden_size, True)
+        # The input table is read a row per token from the file mapping, which the engine pages out.
+        # float16 scales reach MatMulNBits through a Cast that onnxruntime folds into a float32 copy
+        # and keeps after packing (163 MB on the 1B shape, docs/performance.md).
+        widened = 0
+        if f.scale_bytes == 2:
+            widened = 4 * (f.layer_scales(a) + f.head.scales(a.vocab_size, a.hidden_size))
+        return f.layer_bytes(a, packed=True) + head + self.norms() + widened
 
     def read_per_token(self, context: int) -> int:
-        a = self.arch
-        lm_head = self.matrix(a.vocab_size, a.hidden_size, self.embed_quant)
-        gather = self.matrix(1, a.hidden_size, self.embed_quant)  # the input embedding is one row, tied or not
-        return self.layers() + lm_head + gather + self.kv(context // 2)  # KV read at the average position
+        a, f = self.arch, self.fmt
+        lm_head = self._matrix(f.head, a.vocab_size, a.hidden_size, self.packed)
+        gather = f.table.file_bytes(1, a.hidden_size, f.scale_bytes)  # the input embedding is one row, tied or not
+        return f.layer_bytes(a, packed=self.packed) + self.norms() + lm_head + gather + self.kv(context // 2)
+
+    def seconds_per_token(self, device: DeviceProfile, context: int) -> float:
+        roofline = self.read_per_token(context) / (device.efficiency * device.memory_bandwidth_gbs * 1e9)
+        return roofline + self.arch.num_hidden_layers * device.layer_cost_us * 1e-6
 
     def kv(self, context: int) -> int:
         a = self.arch
@@ -178,7 +304,7 @@ class _Sizer:
         return RUNTIME_BASE_BYTES + logits + hidden + scores
 
     def total(self, context: int) -> int:
-        return self.weights() + self.kv(context) + self.overhead(context)
+        return self.weights_in_memory() + self.kv(context) + self.overhead(context)
 
     def max_context(self, budget: int) -> int:
         lo, hi = 0, self.arch.max_position_embeddings  # total() grows with context: bisect for the last fit
@@ -212,6 +338,7 @@ def plan(
     block_size: int = 32,
     kv_dtype: str | None = None,
     embed_quant: str | None = None,
+    weights: WeightFormat | None = None,
 ) -> Plan:
     """Memory and speed estimate of `arch` at `quant` on `device`, with a recommendation.
 
@@ -219,6 +346,8 @@ def plan(
     model's). `kv_dtype` defaults to fp16 for Core ML and fp16 bundles, else fp32.
     `embed_quant` is how the embedding table and lm_head are stored (default: like the rest,
     except in an int4 bundle, ONNX or Core ML, which keeps them at int8 as the quantizer does).
+    `weights`: the exact format of a bundle (WeightFormat.from_record), instead of a uniform
+    `quant` at `block_size`; `quant` then only names its family for the other options compared.
     """
     if embed_quant is None and quant == "int4":
         embed_quant = "int8"  # the int4 quantizer's default, for both formats
@@ -242,9 +371,17 @@ def plan(
     def float_dtype(q: str) -> str:  # of scales, norms and activations; Core ML runs fp16
         return "fp16" if device.format == "coreml" or q == "fp16" else "fp32"
 
+    packed = device.format == "onnx" and device.accelerator == "CPUExecutionProvider"
+
     def sizer(q: str) -> _Sizer:
         kv = kv_dtype or float_dtype(q)
-        return _Sizer(arch, q, embed_quant or q, block_size, FLOAT_BYTES[float_dtype(q)], FLOAT_BYTES[kv])
+        fb = FLOAT_BYTES[float_dtype(q)]
+        if q == quant and weights is not None:
+            fmt = weights
+        else:
+            fmt = WeightFormat.uniform(q, block_size, embed_quant if q == quant else ("int8" if q == "int4" else q),
+                                       scale_bytes=fb)
+        return _Sizer(arch, fmt, fb, FLOAT_BYTES[kv], packed)
 
     budget = device.app_memory_bytes
     s = sizer(quant)
@@ -253,7 +390,7 @@ def plan(
     best_ctx = s.max_context(budget)
 
     def tok_s(q: str) -> float:
-        return device.efficiency * device.memory_bandwidth_gbs * 1e9 / sizer(q).read_per_token(context)
+        return 1.0 / sizer(q).seconds_per_token(device, context)
 
     def first_fitting(ctx: int, candidates: tuple[str, ...] = QUANTS) -> str | None:
         return next((q for q in candidates if sizer(q).total(ctx) <= budget), None)
@@ -285,6 +422,7 @@ def plan(
         context=context,
         kv_dtype=kv_dtype or float_dtype(quant),
         weights_bytes=s.weights(),
+        weights_memory_bytes=s.weights_in_memory(),
         kv_bytes=s.kv(context),
         overhead_bytes=s.overhead(context),
         total_bytes=total,

@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgellama.devices.catalog import HOST, DeviceProfile, builtin_profiles, host_profile_path, load_catalog, profile_from_dict
+from edgellama.devices.catalog import (HOST, DeviceProfile, builtin_profiles, host_profile_path, live_host, load_catalog,
+                                       profile_from_dict)
 from edgellama.errors import EdgeLlamaError
 
 MiB = 1 << 20
@@ -185,33 +186,29 @@ def probe_host(*, buffer_bytes: int | None = None, repeats: int = 8) -> DevicePr
     single, single_kernel = measure_read_bandwidth(buffer, 1, repeats)
     multi, multi_kernel = measure_read_bandwidth(buffer, threads, repeats) if threads > 1 else (single, single_kernel)
     del buffer
-    cores = physical_cores()
     try:
         previous = load_catalog()[HOST]
     except EdgeLlamaError:  # a corrupt host file is what a fresh probe replaces
         previous = builtin_profiles()[HOST]
     placeholder = builtin_profiles()[HOST]
     size = f"{buffer_bytes / MiB:.0f} MiB"
-    return replace(
+    # RAM, free memory and cores are read from the OS whenever the profile is loaded (live_host).
+    return live_host(replace(
         placeholder,
         os=_OS_NAMES.get(platform.system(), placeholder.os),
-        total_ram_bytes=total,
-        app_memory_bytes=app_memory_bytes(total),
         memory_bandwidth_gbs=round(max(single, multi), 2),
-        cores=cores,
-        # Keep a calibrated efficiency across re-probes: only a benchmark changes it.
+        # Keep a calibrated speed model across re-probes: only a benchmark changes it.
         efficiency=previous.efficiency,
+        layer_cost_us=previous.layer_cost_us,
         sources={
-            "total_ram_bytes": "measured: MemTotal in /proc/meminfo (sysconf elsewhere)",
-            "app_memory_bytes": "measured: MemAvailable at probe time, capped by the cgroup memory limit",
             "memory_bandwidth_gbs": (
                 f"measured: read of a {size} buffer, best of {repeats}; {threads} threads {multi:.1f} GB/s "
                 f"({multi_kernel}), 1 thread {single:.1f} GB/s ({single_kernel})"
             ),
-            "cores": f"measured: physical cores in /proc/cpuinfo among {threads} usable CPUs",
             "efficiency": previous.sources["efficiency"],
+            "layer_cost_us": previous.sources["layer_cost_us"],
         },
-    )
+    ))
 
 
 def write_host_profile(profile: DeviceProfile) -> Path:

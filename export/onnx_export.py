@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -161,7 +161,7 @@ def export_onnx(
     quant_info = None
     calib_batch = None
     if opts.quant:
-        from edgellama.quantize.onnx_weights import make_emitter  # export -> quantize, never the reverse
+        from edgellama.quantize.onnx_weights import make_emitter, planned_summary  # export -> quantize, never the reverse
 
         quant = dict(opts.quant)
         calib = quant.pop("calib", None)
@@ -181,7 +181,7 @@ def export_onnx(
     tensors = LayerPass(src, emitter, calib=calib_batch, keep_inputs=bool(emitter and emitter.opts.gptq),
                         smooth=bool(emitter and emitter.opts.smooth), verify=verify_ids)
     # Before anything is built: a bundle meant for a device it would not fit fails here.
-    devices = devices_hint(cfg.to_hf(), opts.dtype, asdict(emitter.opts) if emitter else None, ctx, opts.device)
+    devices = devices_hint(cfg.to_hf(), opts.dtype, planned_summary(emitter) if emitter else None, ctx, opts.device)
 
     graph_emitter = emitter
     if slot_targets:
@@ -278,9 +278,10 @@ def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[st
     from dataclasses import replace
 
     from edgellama.devices.catalog import HOST, builtin_profiles, get_profile
-    from edgellama.devices.plan import ModelShape, plan
+    from edgellama.devices.plan import ModelShape, WeightFormat, plan
 
     shape = ModelShape.from_hf_config(architecture)
+    weights = WeightFormat.from_record(quantization, dtype) if quantization else None
     if quantization:
         quant, block = f"int{quantization['bits']}", int(quantization["block_size"])
         embed = quantization.get("embeddings", "keep")
@@ -291,7 +292,7 @@ def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[st
     # An ONNX bundle runs through onnxruntime on every device, Core ML profiles included, so its
     # floats and KV cache keep the bundle's dtype: the estimate is the same for every profile.
     plans = [plan(shape, replace(p, format="onnx"), quant=quant, max_context=context, block_size=block,
-                  kv_dtype=dtype, embed_quant=embed_quant) for p in profiles]
+                  kv_dtype=dtype, embed_quant=embed_quant, weights=weights) for p in profiles]
     if device and not plans[0].fits:
         raise EdgeLlamaError(f"this bundle would not fit {device}: {plans[0].recommendation}")
     return {"planned_for": [p.device for p in plans if p.fits], "expected_rss_bytes": plans[0].total_bytes,

@@ -12,6 +12,7 @@ by the calls it makes (node, init, const, sink), so quantize never imports expor
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -375,3 +376,21 @@ def make_emitter(cfg, quant: dict[str, Any], *, form: str, fallback) -> tuple[Qu
         # onnxruntime would otherwise fuse DequantizeLinear+MatMul with int8 activations silently.
         info["session_config"] = {"session.qdq_matmulnbits_accuracy_level": str(opts.accuracy_level)}
     return em, info
+
+
+def planned_summary(em: QuantizedWeights) -> dict[str, Any]:
+    """The quantization record (summary()) an export with this emitter will write, known before any
+    weight is read: every projection's precision comes from the same policy the build applies.
+    The planner prices a bundle from it (devices.plan.WeightFormat.from_record)."""
+    probe = copy.copy(em)  # bits_for may rank layers: leave the real emitter as it was
+    probe.int8_layers, probe.tensor_bits = dict(em.int8_layers), {}
+    for i in range(em.cfg.num_hidden_layers):
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            name = f"model.layers.{i}.{module}"
+            probe.tensor_bits[name] = probe.bits_for(name)
+    if em.opts.embeddings != "keep":
+        probe.tensor_bits["model.embed_tokens"] = probe.table_bits("model.embed_tokens")
+    if em.opts.lm_head != "keep":
+        probe.tensor_bits["lm_head"] = probe.table_bits("lm_head")
+    return probe.summary()

@@ -165,16 +165,18 @@ def read_bytes_per_token(bundle_dir: Path, manifest: B.Manifest, mean_position: 
 
 def _host_prediction(manifest: B.Manifest, context: int) -> tuple[float | None, float | None]:
     """(host bandwidth GB/s, plan's predicted decode tok/s), both None until the host has been probed."""
-    from edgellama.devices.catalog import HOST, get_profile
-    from edgellama.devices.plan import ModelShape, plan
+    from edgellama.devices.catalog import HOST, get_profile, is_probed
+    from edgellama.devices.plan import ModelShape, WeightFormat, plan
 
-    host = get_profile(HOST)
-    if host.sources.get("memory_bandwidth_gbs", "").startswith("placeholder"):
+    # No probe from here: its buffer would count in the peak RSS this process reports.
+    host = get_profile(HOST, probe=False)
+    if not is_probed(host):
         return None, None
     quant, emb, block = _plan_quant(manifest)
     shape = ModelShape.from_hf_config(manifest.architecture)
+    weights = WeightFormat.from_record(manifest.quantization, manifest.dtype) if manifest.quantization else None
     try:
-        p = plan(shape, host, quant=quant, embed_quant=emb, block_size=block,
+        p = plan(shape, host, quant=quant, embed_quant=emb, block_size=block, weights=weights,
                  max_context=min(context, shape.max_position_embeddings))
     except EdgeLlamaError:
         return host.memory_bandwidth_gbs, None

@@ -32,6 +32,23 @@ class ExportedBundle:
     log: list[str]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_host_profile(tmp_path_factory) -> Path:
+    """Tests never read or write the user's measured host profile (~/.cache/edgellama): a profile
+    left there by another version, or measured under other load, must not change what they see.
+    Child processes inherit the variable; a test that plans for `host` probes this machine once."""
+    import os
+
+    path = tmp_path_factory.mktemp("host") / "host_profile.json"
+    before = os.environ.get("EDGELLAMA_HOST_PROFILE")
+    os.environ["EDGELLAMA_HOST_PROFILE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("EDGELLAMA_HOST_PROFILE", None)
+    else:
+        os.environ["EDGELLAMA_HOST_PROFILE"] = before
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir() -> Path:
     """The real Llama 3.2 tokenizer (tokenizer.json + tokenizer_config.json, no chat template)."""

@@ -215,3 +215,22 @@ def test_bench_imports_no_export_dependencies(exported):
             f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_plan_prices_a_quantized_bundle_from_its_record(int4_bundle):
+    """The planner's byte count of a bundle (its int8 parts, q/k blocks, scales, zero points) is the file's."""
+    from edgellama.devices.catalog import builtin_profiles
+    from edgellama.devices.plan import ModelShape, WeightFormat, plan
+    from edgellama.runtime.bench import graph_bytes
+
+    from edgellama.runtime import bundle as B
+
+    m = B.read_manifest(int4_bundle)
+    fmt = WeightFormat.from_record(m.quantization, m.dtype)
+    assert fmt.int8_layers and fmt.linear["q_proj"].block == m.quantization["qk_block_size"]
+    p = plan(ModelShape.from_hf_config(m.architecture), builtin_profiles()["x86-laptop-16gb"], quant="int4",
+             max_context=256, weights=fmt)
+    assert p.weights_bytes == pytest.approx(graph_bytes(int4_bundle, m), rel=0.01)
+    uniform = plan(ModelShape.from_hf_config(m.architecture), builtin_profiles()["x86-laptop-16gb"], quant="int4",
+                   max_context=256)
+    assert abs(uniform.weights_bytes / graph_bytes(int4_bundle, m) - 1) > 0.02  # the record is what makes it exact

@@ -341,12 +341,17 @@ def test_export_for_a_named_device(tiny_llama, tmp_path, monkeypatch):
     m = B.read_manifest(out)
     assert m.extras["devices"]["planned_for"] == ["iphone-13"] and m.extras["devices"]["context"] == 128
 
-    # A device too small for it: refused before anything is written.
+    # A device too small for it: refused before anything is written. The host's memory is read
+    # from the OS, so the OS is what says this one is small.
+    import edgellama.devices.probe as probe
+
     host = json.loads(BUILTIN_PATH.read_text())
     entry = next(p for p in host["profiles"] if p["name"] == HOST)
-    entry.update(total_ram_bytes=64 << 20, app_memory_bytes=32 << 20)
+    entry["sources"]["memory_bandwidth_gbs"] = "measured: test"
     (tmp_path / "host.json").write_text(json.dumps(entry))
     monkeypatch.setenv("EDGELLAMA_HOST_PROFILE", str(tmp_path / "host.json"))
+    monkeypatch.setattr(probe, "total_ram_bytes", lambda: 64 << 20)
+    monkeypatch.setattr(probe, "app_memory_bytes", lambda total: 32 << 20)
     with pytest.raises(EdgeLlamaError, match="would not fit host"):
         export_onnx(folder, tmp_path / "small", ExportOptions(max_context=128, verify=False, device=HOST),
                     log=lambda m: None)
