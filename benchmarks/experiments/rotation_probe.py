@@ -1,6 +1,6 @@
 """Does rotating the residual stream (QuaRot/QuIP-style incoherence) help weight-only int4?
 
-    python benchmarks/rotation_probe.py [--work DIR] [--kind hadamard|qr] [--text FILE ...]
+    python benchmarks/experiments/rotation_probe.py [--work DIR] [--kind hadamard|qr] [--text FILE ...]
 
 An orthogonal Q applied to the residual stream leaves the float model's function unchanged once
 every RMSNorm gain is folded into the linears that read it: embeddings E Q; q/k/v and gate/up
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/: the shared helpers live there
 sys.path.insert(0, str(ROOT))
 
 from degrid_smollm2 import degridded_smollm2  # noqa: E402

@@ -13,7 +13,7 @@ the same way; without it, its int4 bundle is sized with the real quantizer run o
 weight (bytes per row do not depend on the row count), checked against the SmolLM2 bundle actually
 written, and its adapter file is written in full from zero tensors.
 
-    python benchmarks/lora_cost.py [--rank 16] [--rounds 7] [--new-tokens 64] [--work DIR] [--model-1b DIR]
+    python benchmarks/experiments/lora_cost.py [--rank 16] [--rounds 7] [--new-tokens 64] [--work DIR] [--model-1b DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 LLAMA32_1B = {  # meta-llama/Llama-3.2-1B's numbers (benchmarks/make_1b_shape.py writes the full config)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,

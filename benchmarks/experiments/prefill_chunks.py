@@ -1,12 +1,12 @@
 """Does prefilling a prompt in chunks beat one whole-prompt run? And what does greedy's argmax cost?
 
-    python benchmarks/prefill_chunks.py BUNDLE [BUNDLE ...] [--prompt 128] [--chunks 16,32,64] [--rounds 5]
+    python benchmarks/experiments/prefill_chunks.py BUNDLE [BUNDLE ...] [--prompt 128] [--chunks 16,32,64] [--rounds 5]
 
 For each bundle: time to first token (prefill plus the argmax that picks the token) with the
 prompt fed whole and in chunks of each size, every variant once per round (interleaved, as the
 machine's bandwidth drifts), medians. Then the cost of `np.argmax` over the bundle's vocabulary,
 the only per-step work greedy decoding adds to the engine's call (the logits are already written
-into a preallocated buffer bound through IO binding; benchmarks/runtime_overhead.py measures the
+into a preallocated buffer bound through IO binding; benchmarks/experiments/runtime_overhead.py measures the
 rest of the Python runtime). docs/performance.md reads the table.
 """
 

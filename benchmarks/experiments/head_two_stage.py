@@ -1,6 +1,6 @@
 """Could the lm_head read int4 and rescore only the top candidates at int8 precision?
 
-    python benchmarks/head_two_stage.py [--text FILE ...] [--max-tokens 1022]
+    python benchmarks/experiments/head_two_stage.py [--text FILE ...] [--max-tokens 1022]
 
 The int8 tied table is the largest single read of a decode step (SmolLM2: a quarter of the packed
 weights; the Llama-3.2-1B shape: 328 of ~1,160 MB as MLAS packs it). A two-stage head would read a
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/: the shared helpers live there
 sys.path.insert(0, str(ROOT))
 
 from degrid_smollm2 import degridded_smollm2  # noqa: E402

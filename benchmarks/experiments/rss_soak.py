@@ -1,6 +1,6 @@
 """Does resident memory stay flat over a long generation? 2,000 tokens, RSS sampled every 100.
 
-    python benchmarks/rss_soak.py [--bundle DIR ...] [--tokens 2000] [--every 100] [--threads N]
+    python benchmarks/experiments/rss_soak.py [--bundle DIR ...] [--tokens 2000] [--every 100] [--threads N]
 
 Each bundle is measured in its own fresh process (`--one`), which loads it, prefills a short prompt
 and generates greedily with stop ids switched off, reading /proc/self/statm every `every` tokens.

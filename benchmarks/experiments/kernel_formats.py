@@ -6,7 +6,7 @@ accuracy_level 4 (int8 activations, the bundles' default), and times them interl
 every format once per round, best round kept. The table is what a quantization format costs
 the kernel, apart from its quality: docs/performance.md reads it.
 
-    python benchmarks/kernel_formats.py [--shape 2048x8192 --shape 576x1536] [--rounds 7] [--threads 2]
+    python benchmarks/experiments/kernel_formats.py [--shape 2048x8192 --shape 576x1536] [--rounds 7] [--threads 2]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the Python runtime costs per decoded token, over a bare onnxruntime loop on the same graph.
 
-    python benchmarks/runtime_overhead.py [--bundle DIR] [--tokens 128] [--rounds 5] [--threads N]
+    python benchmarks/experiments/runtime_overhead.py [--bundle DIR] [--tokens 128] [--rounds 5] [--threads N]
 
 A: `stream_ids` (sampler, incremental detokenizer, stop checks, stats, one event per token).
 B: the leanest loop over the same InferenceSession: its own cache buffers bound once through IO
