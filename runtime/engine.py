@@ -164,8 +164,10 @@ class OnnxEngine:
         self.provider = resolve_provider(provider)
         so = session_options(manifest, threads)
         try:
-            # Only external weights are memory-mapped: a one-file bundle has nothing to page out.
-            paging = _weights_paged_out(self.root) if B.ONNX_DATA in manifest.files else contextlib.nullcontext()
+            # Only external weights are memory-mapped: a one-file bundle has nothing to page out. The
+            # file, not the manifest's list, decides: the export verifies before it lists its files.
+            external = (self.root / B.ONNX_DATA).is_file()
+            paging = _weights_paged_out(self.root) if external else contextlib.nullcontext()
             with paging:
                 self.session = ort.InferenceSession(str(self.root / g.file), so, providers=[self.provider])
         except Exception as exc:  # onnxruntime raises its own exception types
