@@ -127,6 +127,11 @@ class LayerPass(DerivedStore):
             self._stream = None
         self._smooth(None)
 
+    def release(self) -> None:
+        """Drop what was served last once the graph is built: an untied lm_head stays here otherwise
+        (2.1 GB of float32 on the 8B shape) while the export's verification loads the bundle."""
+        self._served = {}
+
     def _take_statistics(self, names: list[str]) -> None:
         scales, inputs = self.recorder.take(names, int(self.calib.size))
         self.emitter.act_scales.update(scales)

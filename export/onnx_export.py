@@ -197,6 +197,7 @@ def export_onnx(
                                        progress=lambda i, n: log(f"export: layer {i}/{n}") if n >= 8 and i % 10 == 0 else None)
         finally:
             sink.close()
+        tensors.release()
         save_graph(result, tmp)
         if tensors.groups:
             from edgellama.quantize.smoothing import ALPHA
