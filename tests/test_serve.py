@@ -127,7 +127,7 @@ def test_completions_stream_equals_non_stream(client):
 
 SCHEMAS = {
     "person": ("Describe Ada Lovelace as a person record.", {
-        "type": "object", "properties": {"name": {"type": "string"}, "birth_year": {"type": "integer"},
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 40}, "birth_year": {"type": "integer"},
                                          "occupations": {"type": "array", "items": {"type": "string"},
                                                          "minItems": 1, "maxItems": 3}},
         "required": ["name", "birth_year", "occupations"], "additionalProperties": False}),
@@ -156,7 +156,9 @@ def test_json_schema_answer_validates(client, name):
 
 
 def test_json_object(client):
-    r = _chat(client, "Give me a JSON object about a cat.", max_tokens=120, response_format={"type": "json_object"})
+    r = _chat(client, "Reply with a JSON object whose key 'capital' is the capital of France.", max_tokens=60,
+              response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
@@ -205,11 +207,11 @@ def test_tool_call_streamed(client):
 
 def test_four_concurrent_clients(client):
     prompts = ["Count from one to five.", "What is 2+2?", "Name a fruit.", "Say hello in French."]
-    expected = [_chat(client, p, max_tokens=16).choices[0].message.content for p in prompts]
+    expected = [_chat(client, p, max_tokens=8).choices[0].message.content for p in prompts]
     got: dict[int, str] = {}
 
     def ask(i: int) -> None:
-        stream = _chat(client, prompts[i], max_tokens=16, stream=True)
+        stream = _chat(client, prompts[i], max_tokens=8, stream=True)
         got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
@@ -332,11 +334,18 @@ def test_unknown_route_gets_an_openai_error(server):
 
 
 # -- structured output without the server ---------------------------------------------------------
-def test_generate_with_json_schema(smol_bundle):
-    from edgellama.runtime.generate import generate, load
+@pytest.fixture(scope="module")
+def smol_model(smol_bundle):
+    from edgellama.runtime.generate import load
+
+    return load(smol_bundle, max_context=256)
+
+
+def test_generate_with_json_schema(smol_model):
+    from edgellama.runtime.generate import generate
 
     _, schema = SCHEMAS["enum_bool"]
-    model = load(smol_bundle, max_context=256)
+    model = smol_model
     out = generate(model, "Is water wet? Give a verdict.", chat=True, json_schema=schema, max_new_tokens=60)
     jsonschema.validate(json.loads(out), schema)
 
@@ -344,11 +353,11 @@ def test_generate_with_json_schema(smol_bundle):
 def test_run_json_schema_cli(smol_bundle, tmp_path, capsys):
     from edgellama.cli import main
 
-    _, schema = SCHEMAS["person"]
-    path = tmp_path / "person.json"
+    _, schema = SCHEMAS["enum_bool"]
+    path = tmp_path / "verdict.json"
     path.write_text(json.dumps(schema))
-    assert main(["run", str(smol_bundle), "--chat", "-p", "Describe Alan Turing.", "--json-schema", str(path),
-                 "-n", "120"]) == 0
+    assert main(["run", str(smol_bundle), "--chat", "-p", "Is the sky green?", "--json-schema", str(path),
+                 "-n", "60"]) == 0
     jsonschema.validate(json.loads(capsys.readouterr().out), schema)
     path.write_text("[1]")
     assert main(["run", str(smol_bundle), "-p", "x", "--json-schema", str(path)]) == 2
@@ -360,6 +369,6 @@ def test_structured_output_without_llguidance_names_the_extra(smol_bundle, monke
     from edgellama.runtime.generate import generate, load
 
     monkeypatch.setitem(sys.modules, "llguidance", None)  # as if the serve extra were not installed
-    model = load(smol_bundle, max_context=64)
+    model = load(smol_bundle, max_context=64)  # a fresh model: no grammar compiler cached on it
     with pytest.raises(EdgeLlamaError, match=r"edgellama\[serve\]"):
         generate(model, "hi", json_schema={"type": "object"})
