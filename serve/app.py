@@ -238,14 +238,13 @@ class Server:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        job = Job(ids, params, emit, constraint)
-        job.channel = channel  # type: ignore[attr-defined]
+        job = Job(ids, params, emit, constraint, channel=channel)
         self.worker.submit(job)
         return job
 
     async def _events(self, job: Job) -> AsyncIterator[GenerationEvent | Done]:
         while True:
-            item = await job.channel.get()  # type: ignore[attr-defined]
+            item = await job.channel.get()
             if isinstance(item, Exception):
                 raise item
             yield item
@@ -255,7 +254,7 @@ class Server:
     async def _collect(self, request: HttpRequest, job: Job, ids: list[int]) -> Result:
         """The whole answer of a non-streamed request; its generation stops if the client leaves."""
         text, finish, n, cached = [], "stop", 0, 0
-        channel: asyncio.Queue = job.channel  # type: ignore[attr-defined]
+        channel: asyncio.Queue = job.channel
         try:
             while True:
                 try:

@@ -98,9 +98,9 @@ def _common(body: Any, served: str) -> dict:
             or any(not isinstance(s, str) or not s for s in stop)):
         raise ApiError(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them", param="stop",
                        code="invalid_value")
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
+    max_tokens = _int(body, "max_tokens", 1)  # both are checked; the newer name wins
+    newer = _int(body, "max_completion_tokens", 1)
+    max_tokens = newer if newer is not None else max_tokens
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     seed = _int(body, "seed", 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from edgellama.runtime.generate import Model, stream_ids
 from edgellama.runtime.grammar import TokenConstraint
@@ -33,6 +33,7 @@ class Job:
     emit: Callable[[object], None]
     constraint: TokenConstraint | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    channel: Any = None  # where the HTTP side reads what emit() delivers (an asyncio.Queue)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -372,3 +372,58 @@ def test_structured_output_without_llguidance_names_the_extra(smol_bundle, monke
     model = load(smol_bundle, max_context=64)  # a fresh model: no grammar compiler cached on it
     with pytest.raises(EdgeLlamaError, match=r"edgellama\[serve\]"):
         generate(model, "hi", json_schema={"type": "object"})
+
+
+# -- tool-call format and request checks, without a model -----------------------------------------
+def test_parse_call_accepts_the_llama31_format_only_for_given_tools():
+    from edgellama.serve.tools import parse_call
+
+    tools = [WEATHER, TIME]
+    call = parse_call('  {"name": "get_time", "parameters": {"zone": "UTC"}}\n', tools)
+    assert call[0]["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
+    assert call[0]["id"].startswith("call_") and call[0]["type"] == "function"
+    fenced = parse_call('```json\n{"name": "get_time", "arguments": {"zone": "CET"}}\n```', tools)
+    assert json.loads(fenced[0]["function"]["arguments"]) == {"zone": "CET"}
+    for text in ('{"name": "rm_rf", "parameters": {}}', "It is sunny.", '{"name": "get_time", "parameters": 3}',
+                 '{"name": "get_time"', "[]"):
+        assert parse_call(text, tools) is None, text
+
+
+def test_call_schema_and_rendering():
+    from edgellama.serve.tools import call_schema, render_messages, tool_role_fallback
+
+    one = call_schema([WEATHER, TIME], "get_time")
+    assert one["properties"]["name"] == {"const": "get_time"}
+    both = call_schema([WEATHER, TIME])
+    jsonschema.validate({"name": "get_time", "parameters": {"zone": "UTC"}}, both)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "get_time", "parameters": {"city": "Paris"}}, both)
+    msgs = render_messages([{"role": "developer", "content": "Be brief."},
+                            {"role": "user", "content": [{"type": "text", "text": "Time?"}]},
+                            {"role": "assistant", "content": None, "tool_calls": [
+                                {"id": "c", "type": "function",
+                                 "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+                            {"role": "tool", "tool_call_id": "c", "content": "12:00"}], [TIME])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
+    assert msgs[0]["content"].startswith("Be brief.") and '"name": "get_time"' in msgs[0]["content"]
+    assert msgs[1]["content"] == "Time?"
+    assert json.loads(msgs[2]["content"]) == {"name": "get_time", "parameters": {"zone": "UTC"}}
+    assert tool_role_fallback(msgs)[3] == {"role": "user", "content": "Tool result: 12:00"}
+
+
+def test_request_checks_map_to_params():
+    from edgellama.serve.protocol import ApiError, parse_chat
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7,
+            "max_tokens": 99, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": "END",
+            "stream": True, "stream_options": {"include_usage": True}}
+    req = parse_chat(body, "m")
+    p = req.params
+    assert (req.max_tokens, p.temperature, p.top_p, p.seed, p.stop, req.stream, req.include_usage) == \
+        (7, 0.5, 0.9, 3, ["END"], True, True)
+    for bad, param in (({"temperature": True}, "temperature"), ({"top_p": 0}, "top_p"),
+                       ({"stop": ["a"] * 5}, "stop"), ({"seed": 1.5}, "seed"), ({"stream": "yes"}, "stream"),
+                       ({"max_tokens": 0}, "max_tokens"), ({"tool_choice": "required"}, "tool_choice")):
+        with pytest.raises(ApiError) as info:
+            parse_chat({**body, **bad}, "m")
+        assert info.value.param == param and info.value.status == 400
