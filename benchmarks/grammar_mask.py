@@ -4,6 +4,7 @@ For each candidate (llguidance, outlines-core, xgrammar where installed) and eac
 compile the schema once, then walk a valid answer token by token, timing "compute the allowed-token
 mask for this step" + "advance by the chosen token". Reports compile time and the median / p90 /
 max per-token cost in microseconds. Run interleaved rounds (A B C A B C ...) and report medians.
+The "edgellama" row is the runtime's own path (llguidance's mask applied to the logits row).
 
     .venv/bin/python benchmarks/grammar_mask.py --rounds 3
 """
@@ -76,6 +77,27 @@ class LLGuidance:
         self.lnp.fill_next_token_bitmask(m, self.mask, 0)
         assert (self.mask[0, token >> 5] >> (token & 31)) & 1, "token not allowed"
         assert m.consume_token(token), m.get_error()
+
+
+class RuntimePath:
+    """What the decode loop pays per token: edgellama.runtime.grammar's JsonConstraint (llguidance's
+    mask, applied to a 128k float32 logits row, then the token consumed)."""
+
+    name = "edgellama"
+
+    def __init__(self, tok_json: str, vocab: int, eos: int) -> None:
+        from edgellama.runtime.grammar import GrammarCompiler
+
+        self.compiler = GrammarCompiler(tok_json, vocab, [eos])
+        self.logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32)
+
+    def compile(self, schema: dict):
+        return self.compiler.json_schema(schema)
+
+    def step(self, c, token: int) -> None:
+        masked = c.mask(self.logits)
+        assert np.isfinite(masked[token]), "token not allowed"
+        c.advance(token)
 
 
 class OutlinesCore:
@@ -182,7 +204,8 @@ def main() -> None:
     vocab = tok.get_vocab_size(with_added_tokens=True)
     eos = tok.token_to_id("<|eot_id|>")
     libs = []
-    for make in (lambda: LLGuidance(tok_json, vocab, eos), lambda: OutlinesCore(tok_json, vocab, eos),
+    for make in (lambda: LLGuidance(tok_json, vocab, eos), lambda: RuntimePath(tok_json, vocab, eos),
+                 lambda: OutlinesCore(tok_json, vocab, eos),
                  lambda: XGrammar(tok_json, vocab, eos, folder)):
         t0 = time.perf_counter()
         try:

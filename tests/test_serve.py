@@ -427,3 +427,15 @@ def test_request_checks_map_to_params():
         with pytest.raises(ApiError) as info:
             parse_chat({**body, **bad}, "m")
         assert info.value.param == param and info.value.status == 400
+
+
+def test_serve_cli_defaults_and_bad_input(tmp_path, capsys):
+    from edgellama.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "bundle"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8080, None)  # this machine only, no key
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert main(["serve", str(tmp_path), "--api-key", " "]) == 2
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("edgellama: error: ") for line in err), err
