@@ -3,8 +3,8 @@
 The decode loop accepts any object with the TokenConstraint shape; JsonConstraint is the one we ship,
 backed by llguidance (installed by the `serve` extra). llguidance was chosen over outlines-core and
 xgrammar by benchmarks/grammar_mask.py over the 128k Llama 3 vocabulary: schemas compile in ~1 ms
-(outlines-core builds a regex automaton over the vocabulary: 130-400 ms a schema), a step costs
-~10-30 us median, and it depends on nothing (xgrammar, about as fast per token, requires torch,
+(outlines-core builds a regex automaton over the vocabulary: 130-800 ms a schema), a mask costs
+~10-30 us median (~100 us once applied to the logits row), and it depends on nothing (xgrammar, about as fast per token, requires torch,
 transformers and triton: not something an edge box installs). The import is lazy, so a runtime
 without the extra still runs everything except structured output.
 """
