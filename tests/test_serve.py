@@ -439,3 +439,37 @@ def test_serve_cli_defaults_and_bad_input(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("edgellama: error: ") for line in err), err
+
+
+def test_constraint_hook_forces_tokens_and_ends_the_answer(smol_model):
+    """Any object with mask/advance/is_done steers the decode loop: here, a fixed token sequence."""
+    import numpy as np
+
+    from edgellama.runtime.generate import stream_ids
+    from edgellama.runtime.sampling import SamplingParams
+
+    model = smol_model
+    forced = model.tokenizer.encode(" Lyon, of course")
+
+    class Script:
+        def __init__(self):
+            self.seen: list[int] = []
+
+        def mask(self, logits):
+            out = np.full_like(logits, -np.inf)
+            out[forced[len(self.seen)]] = 0.0
+            return out
+
+        def advance(self, token):
+            self.seen.append(token)
+
+        def is_done(self):
+            return len(self.seen) == len(forced)
+
+    script = Script()
+    model.engine.reset()
+    events = list(stream_ids(model, model.encode_prompt("The capital of France is"),
+                             SamplingParams(temperature=0.8, seed=1, max_new_tokens=50), constraint=script))
+    assert script.seen == forced and [e.token_id for e in events] == forced
+    assert "".join(e.text for e in events) == " Lyon, of course"
+    assert [e.finish_reason for e in events][-1] == "stop" and all(e.finish_reason is None for e in events[:-1])
