@@ -20,6 +20,7 @@ VERB_MODULES = (
     "edgellama.quantize.cli",
     "edgellama.runtime.cli",
     "edgellama.devices.cli",
+    "edgellama.serve.cli",
 )
 
 

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", default=None, help="prompt text ('-' or absent: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the answer to JSON valid against this schema (needs the serve extra)")
     p.add_argument("--adapter", default=None, help="LoRA adapter file (from `edgellama adapter`) for a --lora-slots bundle")
     _add_sampling_args(p)
     p.set_defaults(func=_run)
@@ -77,15 +79,20 @@ def _stats_line(s) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edgellama.runtime.generate import load_for_prompt, stream_ids
+    from edgellama.runtime.generate import json_constraint, load_for_prompt, stream_ids
 
     params = _params(args)
+    schema = None
+    if args.json_schema is not None:
+        from edgellama.runtime.grammar import schema_file
+
+        schema = schema_file(args.json_schema)  # a bad file fails before the model loads
     prompt = _read_prompt(args)
     model, prompt_ids = load_for_prompt(args.bundle, prompt, chat=args.chat, system=args.system,
                                         max_new_tokens=params.max_new_tokens, max_context=args.max_context,
                                         provider=args.provider, threads=args.threads, adapter=args.adapter)
     text, ids, last = [], [], None
-    for event in stream_ids(model, prompt_ids, params):
+    for event in stream_ids(model, prompt_ids, params, constraint=json_constraint(model, schema)):
         ids.append(event.token_id)
         last = event
         if args.json:

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from edgellama.errors import EdgeLlamaError
 from edgellama.runtime import bundle as B
 from edgellama.runtime.sampling import Sampler, SamplingParams, StopStringMatcher
 from edgellama.runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from edgellama.runtime.grammar import TokenConstraint
 
 
 def peak_rss_mb() -> float:
@@ -96,11 +99,18 @@ class Model:
             ids = [t.bos_id] + ids
         return ids
 
-    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        template = self.manifest.chat_template or self.tokenizer.chat_template
+    @property
+    def chat_template(self) -> str | None:
+        return self.manifest.chat_template or self.tokenizer.chat_template
+
+    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    **template_vars: Any) -> list[int]:
+        """template_vars reach the template as variables (e.g. `tools` for a template that renders them)."""
+        template = self.chat_template
         if not template:
             raise EdgeLlamaError("this bundle has no chat template: run without --chat")
-        return self.tokenizer.encode_chat(messages, template, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode_chat(messages, template, add_generation_prompt=add_generation_prompt,
+                                          **template_vars)
 
 
 def load(bundle_dir: str | os.PathLike, *, provider: str | None = None, threads: int | None = None,
@@ -166,8 +176,12 @@ def _start(model: Model, provider: str | None, threads: int | None, max_context:
         model.set_adapter(adapter)
 
 
-def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int]) -> Iterator[tuple[int, Stats, str | None]]:
-    """The decode loop: prefill new_ids on top of the cache, then sample until a stop."""
+def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int],
+                  constraint: TokenConstraint | None = None) -> Iterator[tuple[int, Stats, str | None]]:
+    """The decode loop: prefill new_ids on top of the cache, then sample until a stop.
+
+    constraint (e.g. a JSON schema's grammar) masks the logits before each sample, is told each
+    token sampled, and ends generation when its structure is complete."""
     engine = model.engine
     if engine.pos + len(new_ids) > engine.context:
         raise EdgeLlamaError(f"the prompt ({engine.pos + len(new_ids)} tokens) does not fit the context of "
@@ -181,14 +195,18 @@ def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, hist
     history.extend(new_ids)
     t_decode = time.perf_counter()
     for n in range(params.max_new_tokens):
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = sampler(logits, history)
         history.append(token)
+        if constraint is not None:
+            constraint.advance(token)
         stats.generated_tokens = n + 1
         if n:
             stats.decode_tok_s = n / (time.perf_counter() - t_decode)
         stats.peak_rss_mb = peak_rss_mb()
         finish = None
-        if token in model.stop_ids:
+        if token in model.stop_ids or (constraint is not None and constraint.is_done()):
             finish = "stop"
         elif n + 1 == params.max_new_tokens or engine.pos >= engine.context:  # no room to feed it back
             finish = "length"
@@ -202,14 +220,15 @@ def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, hist
 
 
 def stream_ids(model: Model, prompt_ids: list[int], params: SamplingParams | None = None, *,
-               history: list[int] | None = None) -> Iterator[GenerationEvent]:
+               history: list[int] | None = None,
+               constraint: TokenConstraint | None = None) -> Iterator[GenerationEvent]:
     """Stream from already-tokenized input, appended to whatever the cache holds."""
     params = (params or SamplingParams()).validate()
     decoder = IncrementalDecoder(model.tokenizer)
     matcher = StopStringMatcher(params.stop)
     history = history if history is not None else []
-    for token, stats, finish in _generate_ids(model, list(prompt_ids), params, history):
-        is_stop_id = finish == "stop"
+    for token, stats, finish in _generate_ids(model, list(prompt_ids), params, history, constraint):
+        is_stop_id = token in model.stop_ids
         delta = "" if is_stop_id else decoder.add(token)
         if finish and not is_stop_id:
             delta += decoder.flush()
@@ -223,18 +242,35 @@ def stream_ids(model: Model, prompt_ids: list[int], params: SamplingParams | Non
         yield GenerationEvent(delta, token, stats, finish)
 
 
+def json_constraint(model: Model, json_schema: dict | str | None) -> TokenConstraint | None:
+    """The grammar constraint of a JSON schema (a dict or JSON text), None for None.
+
+    Needs the `serve` extra (llguidance); without it, an EdgeLlamaError says so."""
+    if json_schema is None:
+        return None
+    from edgellama.runtime.grammar import GrammarCompiler, load_schema
+
+    return GrammarCompiler.for_model(model).json_schema(load_schema(json_schema))
+
+
 def stream_generate(model: Model, prompt: str, params: SamplingParams | None = None, *, chat: bool = False,
-                    system: str | None = None, **sampling) -> Iterator[GenerationEvent]:
-    """Yield one GenerationEvent per token. Keyword sampling options (temperature=..., ...) build the params."""
+                    system: str | None = None, json_schema: dict | str | None = None,
+                    **sampling) -> Iterator[GenerationEvent]:
+    """Yield one GenerationEvent per token. Keyword sampling options (temperature=..., ...) build the params.
+
+    json_schema: the answer is constrained to JSON that validates against it."""
     if sampling:
         params = replace(params or SamplingParams(), **sampling)
+    constraint = json_constraint(model, json_schema)
     model.engine.reset()
-    yield from stream_ids(model, model.encode_prompt(prompt, chat=chat, system=system), params)
+    yield from stream_ids(model, model.encode_prompt(prompt, chat=chat, system=system), params,
+                          constraint=constraint)
 
 
 def generate(model: Model, prompt: str, params: SamplingParams | None = None, *, chat: bool = False,
-             system: str | None = None, **sampling) -> str:
-    return "".join(e.text for e in stream_generate(model, prompt, params, chat=chat, system=system, **sampling))
+             system: str | None = None, json_schema: dict | str | None = None, **sampling) -> str:
+    return "".join(e.text for e in stream_generate(model, prompt, params, chat=chat, system=system,
+                                                   json_schema=json_schema, **sampling))
 
 
 class ChatSession:

@@ -1,0 +1,1 @@
+"""`edgellama serve`: an OpenAI-compatible HTTP server over one loaded bundle (the `serve` extra)."""
