@@ -273,6 +273,16 @@ def generate(model: Model, prompt: str, params: SamplingParams | None = None, *,
                                                    json_schema=json_schema, **sampling))
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two token sequences share: what a kept KV cache can serve of a new prompt."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class ChatSession:
     """A conversation whose KV cache persists across turns: each turn prefills only its new tokens."""
 
@@ -310,11 +320,7 @@ class ChatSession:
 
     def _prompt_ids(self) -> list[int]:
         full = self.model.encode_chat(self.messages)
-        common = 0
-        for a, b in zip(full, self._cached):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(full, self._cached)
         if common < len(self._cached):  # the template re-rendered history differently: re-prefill from there
             self.model.engine.rewind(common)
             self._cached = self._cached[:common]

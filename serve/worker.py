@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgellama.runtime.generate import Model, stream_ids
+from edgellama.runtime.generate import Model, common_prefix, stream_ids
 from edgellama.runtime.grammar import TokenConstraint
 from edgellama.runtime.sampling import SamplingParams
 
@@ -37,15 +37,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Worker:

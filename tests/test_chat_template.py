@@ -52,7 +52,7 @@ HF_FEATURE_TEMPLATES = [
 @pytest.mark.parametrize("template", HF_FEATURE_TEMPLATES)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_matches_transformers_renderer(template, add_generation_prompt):
-    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    import transformers.utils.chat_template_utils as chat_template_utils  # dev extra: fail, never skip
     messages = CHAT + [{"role": "user", "content": "  <b>&'quote' ünï  "}]
     extra = {"bos_token": "<s>", "eos_token": "</s>"}
     (want,), _ = chat_template_utils.render_jinja_template(

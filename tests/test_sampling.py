@@ -97,8 +97,8 @@ def test_seed_makes_runs_reproducible():
 
 
 def hf_probs(logits, history, params):
-    torch = pytest.importorskip("torch")
-    lp = pytest.importorskip("transformers.generation.logits_process")
+    import torch  # the export and dev extras: fail, never skip
+    import transformers.generation.logits_process as lp
     scores = torch.tensor(logits, dtype=torch.float32)[None]
     ids = torch.tensor([list(history)], dtype=torch.long)
     chain = []
