@@ -178,7 +178,7 @@ class DraftModel:
 def check_same_vocabulary(target: "Model", draft: "Model") -> None:
     """A draft's token ids must mean the target's: same vocabulary, same logits size."""
     tv, dv = int(target.manifest.architecture["vocab_size"]), int(draft.manifest.architecture["vocab_size"])
-    if tv != dv or target.tokenizer.vocab() != draft.tokenizer.vocab():
+    if tv != dv or target.tokenizer.vocab_digest != draft.tokenizer.vocab_digest:
         raise EdgeLlamaError(f"the draft bundle {draft.path} has a different tokenizer than {target.path} "
                              f"(vocab sizes {dv} and {tv}): a draft must share the target's vocabulary")
 
