@@ -248,8 +248,9 @@ def build_llama_graph(
     # "last": the logits of the last `logits_to_keep` positions, an input whose stored default is 1
     # (an initializer that is also a graph input): runtimes that never feed it, onnxruntime-genai
     # and optimum among them, get the last position's logits as before; speculative decoding feeds
-    # K+1 to verify K drafted tokens in one run.
-    logit_seq = B.LOGITS_LENGTH if opts.logits == "last" else "sequence_length"
+    # K+1 to verify K drafted tokens in one run. The declared length stays 1: onnxruntime-genai
+    # preallocates logits from it (a symbolic length there means one row per input token).
+    logit_seq = 1 if opts.logits == "last" else "sequence_length"
     outputs = [B.TensorSpec(B.LOGITS, "float32", ["batch_size", logit_seq, cfg.vocab_size])]
     for i in range(cfg.num_hidden_layers):
         for kind in ("key", "value"):

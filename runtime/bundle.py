@@ -40,7 +40,6 @@ LOGITS = "logits"
 # not among the manifest's inputs): how many final positions get logits. Named as transformers'
 # generate() argument. Bundles exported before it have none (then only one position, ever).
 LOGITS_TO_KEEP = "logits_to_keep"
-LOGITS_LENGTH = "logits_length"  # the logits output's symbolic sequence dimension under "last"
 LLAMA3_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 
 

@@ -310,8 +310,13 @@ class OnnxEngine:
         want_all = all_logits or graph_all and n > 1
         if all_logits and not graph_all and n > 1:
             raise EdgeLlamaError("this bundle computes last-position logits only")
-        if want_all or last is not None:
-            out = np.empty((1, n if want_all else last, self.vocab_size), dtype=np.float32)
+        if last is not None and not want_all:
+            # onnxruntime allocates it: a preallocated buffer must match the declared length (1), which
+            # stays 1 for onnxruntime-genai's sake
+            out = None
+            io.bind_output(B.LOGITS, "cpu")
+        elif want_all:
+            out = np.empty((1, n, self.vocab_size), dtype=np.float32)
             io.bind_ortvalue_output(B.LOGITS, ort.OrtValue.ortvalue_from_numpy(out))
         else:
             out = self._step_logits
@@ -326,8 +331,12 @@ class OnnxEngine:
             self._keep[0] = 1
         if prefill:
             _trim_heap()
-        if not self.share:
-            self._kv = io.get_outputs()[: 2 * self.n_layers]
+        if not self.share or out is None:
+            outputs = io.get_outputs()
+            if not self.share:
+                self._kv = outputs[: 2 * self.n_layers]
+            if out is None:
+                out = outputs[-1].numpy()  # logits are bound last
         self.pos = total
         if out is self._step_logits:  # the step buffer is reused by the next call: hand out a copy
             return out[0, -1].copy()
