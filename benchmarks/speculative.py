@@ -6,7 +6,10 @@ Builds the SmolLM2-135M-Instruct int4 and int8 bundles with `edgellama export` w
 do not exist. Workloads, both through the chat template and the real generation loop (stream_ids,
 greedy, stop ids honoured, at most --new-tokens):
   copy    "Repeat the following text exactly" + a ~400-token passage
-  no-copy an open question: nothing in the prompt to copy
+  no-copy an open question: nothing in the prompt to copy (greedy SmolLM2 still repeats its own
+          sentences after ~100 tokens, and lookup drafts from those)
+  fresh   the same question with repetition penalty 1.3: the output does not repeat either, so
+          drafts fail; this is the overhead speculation costs when there is nothing to copy
 Every configuration runs once per round, in the same order, on the same loaded bundles; the table
 holds medians of decode tok/s (the steps after the first token), the ratio to plain decode of the
 same bundle and workload, the acceptance rate, and whether the tokens equal plain greedy's.
@@ -57,10 +60,10 @@ def ensure_bundle(path: Path, quant: str) -> Path:
     return path
 
 
-def one(model, ids, new_tokens: int, spec) -> tuple[list[int], float, int, int]:
+def one(model, ids, params: SamplingParams, spec) -> tuple[list[int], float, int, int]:
     model.engine.reset()
     tokens, last = [], None
-    for event in stream_ids(model, ids, SamplingParams(max_new_tokens=new_tokens), speculate=spec):
+    for event in stream_ids(model, ids, params, speculate=spec):
         tokens.append(event.token_id)
         last = event
     s = last.stats
@@ -92,13 +95,15 @@ def main() -> int:
             draft = load(d, threads=args.threads, max_context=2048)
             configs.append((f"int8 + draft {name}", int8, Speculation(draft)))
         configs.append(("int8 lookup", int8, Speculation("lookup")))
-    workloads = {"copy": COPY_PROMPT, "no-copy": NO_COPY_PROMPT}
+    greedy = SamplingParams(max_new_tokens=args.new_tokens)
+    workloads = {"copy": (COPY_PROMPT, greedy), "no-copy": (NO_COPY_PROMPT, greedy),
+                 "fresh": (NO_COPY_PROMPT, SamplingParams(max_new_tokens=args.new_tokens, repetition_penalty=1.3))}
     results: dict[tuple[str, str], list] = {}
     for r in range(args.rounds):
-        for wname, prompt in workloads.items():
+        for wname, (prompt, params) in workloads.items():
             for label, model, spec in configs:
                 ids = model.encode_prompt(prompt, chat=True)
-                out = one(model, ids, args.new_tokens, spec)
+                out = one(model, ids, params, spec)
                 results.setdefault((wname, label), []).append(out)
                 print(f"round {r + 1} {wname:8s} {label:22s} {out[1]:7.1f} tok/s  {len(out[0])} tokens",
                       file=sys.stderr, flush=True)
