@@ -22,7 +22,7 @@ Only numpy and the runtime's own modules are imported here: this ships to device
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator, Union
 
 import numpy as np
@@ -71,7 +71,7 @@ def as_speculation(spec: SpeculateArg, draft_tokens: int | None = None) -> Specu
     if not isinstance(spec, Speculation):
         spec = Speculation(draft=spec)
     if draft_tokens is not None:
-        spec = Speculation(spec.draft, draft_tokens, spec.adaptive, spec.ngram_max, spec.ngram_min)
+        spec = replace(spec, draft_tokens=draft_tokens)
     return spec.validate()
 
 
