@@ -249,6 +249,11 @@ def build_llama_graph(
     for i in range(cfg.num_hidden_layers):
         for kind in ("key", "value"):
             inputs.append(B.TensorSpec(B.past_name(i, kind), kv_dtype, ["batch_size", nkv, past_dim, hd]))
+    # "last": the logits of the last `logits_to_keep` positions, an input whose stored default is 1
+    # (an initializer that is also a graph input): runtimes that never feed it, onnxruntime-genai
+    # and optimum among them, get the last position's logits as before; speculative decoding feeds
+    # K+1 to verify K drafted tokens in one run. The declared length stays 1: onnxruntime-genai
+    # preallocates logits from it (a symbolic length there means one row per input token).
     logit_seq = 1 if opts.logits == "last" else "sequence_length"
     outputs = [B.TensorSpec(B.LOGITS, "float32", ["batch_size", logit_seq, cfg.vocab_size])]
     for i in range(cfg.num_hidden_layers):
@@ -308,9 +313,12 @@ def build_llama_graph(
         else:
             attn = _standard_attention(g, n, q, k, v, cos, sin, mask, past_k, past_v, pres_k, pres_v)
         if opts.logits == "last" and i == cfg.num_hidden_layers - 1:
-            # Past the last attention only the last position reaches the logits: the last layer's
-            # o_proj and MLP run on one row (1B shape: 5% of a 128-token prefill's matmul work).
-            attn, residual = (g.node("Slice", [t, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
+            # Past the last attention only the kept positions reach the logits: the last layer's
+            # o_proj and MLP run on one row by default (1B shape: 5% of a 128-token prefill's matmul work).
+            g.init(B.LOGITS_TO_KEEP, np.array([1], dtype=np.int64))
+            keep_input = helper.make_tensor_value_info(B.LOGITS_TO_KEEP, TensorProto.INT64, [1])
+            start = g.node("Neg", [B.LOGITS_TO_KEEP], name="/model/LastToken/Start")
+            attn, residual = (g.node("Slice", [t, start, g.const([np.iinfo(np.int64).max]), g.const([1])],
                                      name=slice_name) for t, slice_name in zip((attn, residual), LAST_TOKEN_SLICES))
         x = g.linear(attn, f"{p}.self_attn.o_proj", get(f"{p}.self_attn.o_proj.weight"))
         h, residual = g.add_norm(x, residual, get(f"{p}.post_attention_layernorm.weight"),
@@ -338,7 +346,10 @@ def build_llama_graph(
     logits = g.emitter.lm_head(g, h, None if tied else get("lm_head.weight"), tied)
     g.nodes.append(helper.make_node("Identity", [logits], [B.LOGITS], name="/lm_head/Output"))
 
-    graph = helper.make_graph(g.nodes, "edgellama_llama3", [_value_info(s) for s in inputs],
+    graph_inputs = [_value_info(s) for s in inputs]
+    if opts.logits == "last":  # not in the manifest's inputs: those are what every run must feed
+        graph_inputs.append(keep_input)
+    graph = helper.make_graph(g.nodes, "edgellama_llama3", graph_inputs,
                               [_value_info(s) for s in outputs], initializer=g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgellama")

@@ -47,6 +47,8 @@ class BenchOptions:
     provider: str | None = None
     warmup: bool = True  # one short untimed run first, so allocator and thread-pool start-up are not measured
     contexts: Sequence[int] = ()  # decode-speed sweep (for --plot); empty: no sweep
+    speculate: str | None = None  # "lookup" or a draft bundle (runtime/speculative.py)
+    draft_tokens: int | None = None
 
     def validate(self) -> "BenchOptions":
         for name, low in (("prompt_tokens", 1), ("new_tokens", 2), ("repeat", 1)):
@@ -64,6 +66,8 @@ class BenchRun:
     prefill_tok_s: float
     decode_tok_s: float
     token_ids: list[int]
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and those the model kept
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -89,9 +93,16 @@ class BenchResult:
     predicted_decode_tok_s: float | None  # what `edgellama plan` predicts for this bundle on `host`
     runs: list[BenchRun] = field(default_factory=list)
     sweep: list[tuple[int, float]] = field(default_factory=list)  # (context length, decode tok/s)
+    speculate: str | None = None
+    draft_tokens: int = 0  # summed over the runs
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate}
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -207,8 +218,13 @@ class Progress:
         self.stream.flush()
 
 
-def measure(engine, prompt: list[int], new_tokens: int, tick: Callable[[], None] = lambda: None) -> BenchRun:
-    """One greedy run from an empty cache: TTFT covers prefill and picking the first token."""
+def measure(engine, prompt: list[int], new_tokens: int, tick: Callable[[], None] = lambda: None,
+            speculator: Callable[[], Any] | None = None) -> BenchRun:
+    """One greedy run from an empty cache: TTFT covers prefill and picking the first token.
+
+    speculator: a factory of Speculators (runtime/speculative.py) to decode with instead."""
+    if speculator is not None:
+        return _measure_speculative(engine, prompt, new_tokens, tick, speculator())
     engine.reset()
     t0 = time.perf_counter()
     token = int(np.argmax(engine.forward(prompt)))
@@ -222,6 +238,29 @@ def measure(engine, prompt: list[int], new_tokens: int, tick: Callable[[], None]
         tick()
     decode = time.perf_counter() - t1
     return BenchRun(ttft, len(prompt) / ttft, (new_tokens - 1) / decode, ids)
+
+
+def _measure_speculative(engine, prompt: list[int], new_tokens: int, tick: Callable[[], None], spec) -> BenchRun:
+    """measure() through a Speculator: greedy, no stop ids, the same token count."""
+    from edgellama.runtime.sampling import Sampler
+
+    engine.reset()
+    history = list(prompt)
+    t0 = time.perf_counter()
+    logits = engine.forward(prompt)
+    spec.prefill(history)
+    source = spec.tokens(logits, Sampler(spec.params), history)
+    ids = [next(source)[0]]
+    ttft = time.perf_counter() - t0
+    tick()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        ids.append(next(source)[0])
+        tick()
+    decode = time.perf_counter() - t1
+    source.close()
+    return BenchRun(ttft, len(prompt) / ttft, (new_tokens - 1) / decode, ids,
+                    spec.stats.draft_tokens, spec.stats.accepted_tokens)
 
 
 def sweep_decode(engine, prompt: list[int], contexts: Sequence[int], steps: int = SWEEP_STEPS,
@@ -263,17 +302,27 @@ def bench(bundle_dir: str | os.PathLike, opts: BenchOptions | None = None, *, pr
     if opts.contexts and not contexts:
         raise EdgeLlamaError(f"no context length of the sweep fits this bundle's context of "
                              f"{model.manifest.context_length} tokens")
+    speculator = None
+    if opts.speculate is not None:
+        from edgellama.runtime.sampling import SamplingParams
+        from edgellama.runtime.speculative import Speculator, as_speculation
+
+        spec = as_speculation(opts.speculate, opts.draft_tokens)
+        params = SamplingParams(max_new_tokens=opts.new_tokens)
+        speculator = lambda: Speculator(model, spec, params)  # noqa: E731  (a fresh one per run: adaptive K starts over)
+    elif opts.draft_tokens is not None:
+        as_speculation(None, opts.draft_tokens)  # the one error for draft tokens without speculation
     bar = Progress(opts.repeat * opts.new_tokens + len(contexts) + opts.warmup, "warm-up") if progress else None
     tick = (lambda: bar.step()) if bar else (lambda: None)
     try:
         if opts.warmup:
-            measure(engine, prompt, 2)
+            measure(engine, prompt, 2, speculator=speculator)
             tick()
         runs = []
         for r in range(opts.repeat):
             if bar:
                 bar.label = f"run {r + 1}/{opts.repeat}"
-            runs.append(measure(engine, prompt, opts.new_tokens, tick))
+            runs.append(measure(engine, prompt, opts.new_tokens, tick, speculator))
         rss = peak_rss_mb()  # before the sweep loads a second session
         sweep: list[tuple[int, float]] = []
         if contexts:
@@ -301,7 +350,8 @@ def bench(bundle_dir: str | os.PathLike, opts: BenchOptions | None = None, *, pr
         weight_bytes=graph_bytes(path, m), read_bytes_per_token=read, read_bytes_basis=basis,
         achieved_bandwidth_gbs=achieved, host_bandwidth_gbs=host_bw,
         bandwidth_utilisation=achieved / host_bw if host_bw else None, predicted_decode_tok_s=predicted,
-        runs=runs, sweep=sweep,
+        runs=runs, sweep=sweep, speculate=None if opts.speculate is None else str(opts.speculate),
+        draft_tokens=sum(r.draft_tokens for r in runs), accepted_tokens=sum(r.accepted_tokens for r in runs),
     )
 
 
@@ -355,6 +405,9 @@ def report(r: BenchResult) -> str:
     rows += [base + [f"tg@{ctx}", f"{tps:.2f}", "-", "-", "-", "-", "-"] for ctx, tps in r.sweep]
     notes = [f"medians of {r.repeat} run(s); bytes read per token: {r.read_bytes_per_token / 1e6:.1f} MB "
              f"({r.read_bytes_basis})"]
+    if r.speculate is not None:
+        notes.append(f"speculative decoding ({r.speculate}): {r.accepted_tokens} of {r.draft_tokens} drafted tokens "
+                     f"accepted ({100 * r.acceptance_rate:.0f}%)")
     if r.host_bandwidth_gbs is None:
         notes.append("bandwidth utilisation needs the host's bandwidth: run `edgellama devices probe`")
     else:

@@ -36,6 +36,10 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Optional input of a graph with logits "last" (an overridable initializer, default [1], so it is
+# not among the manifest's inputs): how many final positions get logits. Named as transformers'
+# generate() argument. Bundles exported before it have none (then only one position, ever).
+LOGITS_TO_KEEP = "logits_to_keep"
 LLAMA3_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 
 

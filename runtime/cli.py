@@ -28,6 +28,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt (chat)")
+    _add_speculate_args(p)
+
+
+def _add_speculate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", default=None, metavar="lookup|DRAFT_BUNDLE",
+                   help="speculative decoding: draft from the text so far (lookup) or a smaller bundle with the same tokenizer")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="most tokens drafted per run (default: measured, see docs/speculative.md)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +100,8 @@ def _run(args: argparse.Namespace) -> int:
                                         max_new_tokens=params.max_new_tokens, max_context=args.max_context,
                                         provider=args.provider, threads=args.threads, adapter=args.adapter)
     text, ids, last = [], [], None
-    for event in stream_ids(model, prompt_ids, params, constraint=json_constraint(model, schema)):
+    for event in stream_ids(model, prompt_ids, params, constraint=json_constraint(model, schema),
+                            speculate=args.speculate, draft_tokens=args.draft_tokens):
         ids.append(event.token_id)
         last = event
         if args.json:
@@ -105,7 +114,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"text": "".join(text), "token_ids": ids, "prompt_token_ids": prompt_ids,
                           "prompt_tokens": len(prompt_ids), "ttft_s": s.ttft_s, "prefill_tok_s": s.prefill_tok_s,
                           "decode_tok_s": s.decode_tok_s, "peak_rss_mb": s.peak_rss_mb,
-                          "finish_reason": last.finish_reason}, ensure_ascii=False))
+                          "finish_reason": last.finish_reason,
+                          **({"draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
+                              "acceptance_rate": s.acceptance_rate} if args.speculate else {})},
+                         ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         print(_stats_line(s), file=sys.stderr)
@@ -138,7 +150,8 @@ def _chat(args: argparse.Namespace) -> int:
     params = _params(args)
     model = load(args.bundle, provider=args.provider, threads=args.threads, max_context=args.max_context,
                  adapter=args.adapter)
-    session = ChatSession(model, system=args.system, params=params, truncate=args.truncate)
+    session = ChatSession(model, system=args.system, params=params, truncate=args.truncate,
+                          speculate=args.speculate, draft_tokens=args.draft_tokens)
     interactive = sys.stdin.isatty()
     # A shell that starts a job in the background (or CI without a terminal) hands it SIGINT
     # ignored, and Python then keeps it ignored: Ctrl-C / kill -INT would not stop an answer.
@@ -254,6 +267,7 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", default=None, help="onnxruntime execution provider")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="also sweep decode tok/s over context lengths and plot it")
+    _add_speculate_args(p)
     p.set_defaults(func=_bench)
 
 
@@ -269,7 +283,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise EdgeLlamaError(f"--plot: the folder of {args.plot} does not exist")
     contexts = tuple(c for c in DEFAULT_CONTEXTS if args.max_context is None or c <= args.max_context) if args.plot else ()
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=args.repeat,
-                        threads=args.threads, max_context=args.max_context, provider=args.provider, contexts=contexts)
+                        threads=args.threads, max_context=args.max_context, provider=args.provider, contexts=contexts,
+                        speculate=args.speculate, draft_tokens=args.draft_tokens)
     result = bench(args.bundle, opts)
     if args.plot:
         plot_sweep(result.sweep, args.plot)

@@ -144,6 +144,9 @@ def session_options(manifest: B.Manifest, threads: int | None) -> ort.SessionOpt
     so.intra_op_num_threads = int(n)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Errors only: a graph's logits_to_keep is an overridable initializer by design, and onnxruntime
+    # warns at every load that such an input is not constant-folded.
+    so.log_severity_level = 3
     for key, value in (conf.get("config_entries") or {}).items():
         so.add_session_config_entry(str(key), str(value))
     return so
@@ -188,6 +191,13 @@ class OnnxEngine:
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
         self._step_logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
         self._step_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        # Bound once; forward(last=n) writes n into it for one run and puts 1 back, so plain steps
+        # feed exactly the graph's default.
+        self._keep = np.ones(1, dtype=np.int64)
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.multi_logits = g.logits == "all" or B.LOGITS_TO_KEEP in overridable
+        if g.logits == "last" and self.multi_logits:
+            self._io.bind_ortvalue_input(B.LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(self._keep))
         # A prefill's activations grow onnxruntime's CPU arena to fit the longest prompt seen, and the
         # arena keeps that peak for good: shrinking it after multi-token runs keeps RSS flat over a
         # long chat that re-prefills its history (decode steps, the hot path, skip it).
@@ -264,14 +274,24 @@ class OnnxEngine:
         self.pos = n_tokens
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
-        """Run new tokens through the model. Returns logits [vocab] for the last one ([n, vocab] if all_logits)."""
+    def forward(self, ids, *, all_logits: bool = False, last: int | None = None) -> np.ndarray:
+        """Run new tokens through the model. Returns logits [vocab] for the last one ([n, vocab] if
+        all_logits; [last, vocab] for the last `last` ones, which needs `multi_logits`)."""
         n = len(ids)
         if n == 0:
             raise EdgeLlamaError("no tokens to run")
         if self.pos + n > self.context:
             raise EdgeLlamaError(f"context is full: {self.pos} cached + {n} new tokens exceed the context of "
                                  f"{self.context} tokens")
+        graph_all = self.manifest.graph.logits == "all"
+        if last is not None:
+            if not 1 <= last <= n:
+                raise EdgeLlamaError(f"cannot return the logits of the last {last} of {n} tokens")
+            if not self.multi_logits:
+                raise EdgeLlamaError("this bundle computes one position's logits per run (exported before "
+                                     "logits_to_keep): re-export it to verify several tokens in one run")
+            if graph_all:
+                return self.forward(ids, all_logits=True)[-last:]
         io = self._io
         if n == 1 and not all_logits:
             self._step_ids[0, 0] = ids[0]
@@ -289,21 +309,37 @@ class OnnxEngine:
                 for j, kind in enumerate(("key", "value")):
                     io.bind_ortvalue_input(B.past_name(i, kind), self._kv[2 * i + j])
                     io.bind_output(B.present_name(i, kind), "cpu")
-        want_all = all_logits or self.manifest.graph.logits == "all" and n > 1
-        if all_logits and self.manifest.graph.logits == "last" and n > 1:
+        want_all = all_logits or graph_all and n > 1
+        if all_logits and not graph_all and n > 1:
             raise EdgeLlamaError("this bundle computes last-position logits only")
-        if want_all:
+        if last is not None and not want_all:
+            # onnxruntime allocates it: a preallocated buffer must match the declared length (1), which
+            # stays 1 for onnxruntime-genai's sake
+            out = None
+            io.bind_output(B.LOGITS, "cpu")
+        elif want_all:
             out = np.empty((1, n, self.vocab_size), dtype=np.float32)
             io.bind_ortvalue_output(B.LOGITS, ort.OrtValue.ortvalue_from_numpy(out))
         else:
             out = self._step_logits
             io.bind_ortvalue_output(B.LOGITS, self._step_logits_ov)
-        self.session.run_with_iobinding(io, self._prefill_run if n > 1 else None)
-        if n > 1:
+        # A verification run is a decode step (its tokens are few): no arena shrink, no heap trim.
+        prefill = n > 1 and last is None
+        if last is not None:
+            self._keep[0] = last
+        try:
+            self.session.run_with_iobinding(io, self._prefill_run if prefill else None)
+        finally:
+            self._keep[0] = 1
+        if prefill:
             _trim_heap()
-        if not self.share:
-            self._kv = io.get_outputs()[: 2 * self.n_layers]
+        if not self.share or out is None:
+            outputs = io.get_outputs()
+            if not self.share:
+                self._kv = outputs[: 2 * self.n_layers]
+            if out is None:
+                out = outputs[-1].numpy()  # logits are bound last
         self.pos = total
         if out is self._step_logits:  # the step buffer is reused by the next call: hand out a copy
             return out[0, -1].copy()
-        return out[0] if all_logits else out[0, -1]
+        return out[0] if all_logits or last is not None else out[0, -1]

@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from edgellama.errors import EdgeLlamaError
 from edgellama.runtime import bundle as B
 from edgellama.runtime.sampling import Sampler, SamplingParams, StopStringMatcher
+from edgellama.runtime.speculative import SpeculateArg, Speculation, Speculator, as_speculation
 from edgellama.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -45,6 +47,13 @@ class Stats:
     prefill_tok_s: float = 0.0
     decode_tok_s: float = 0.0
     peak_rss_mb: float = 0.0
+    # Speculative decoding: tokens drafted, and how many of them the model kept (0 when off).
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 @dataclass
@@ -177,69 +186,96 @@ def _start(model: Model, provider: str | None, threads: int | None, max_context:
 
 
 def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int],
+                  speculation: Speculation | None = None,
                   constraint: TokenConstraint | None = None) -> Iterator[tuple[int, Stats, str | None]]:
-    """The decode loop: prefill new_ids on top of the cache, then sample until a stop.
+    """The decode loop: prefill new_ids on top of the cache, then take tokens until a stop.
 
     constraint (e.g. a JSON schema's grammar) masks the logits before each sample, is told each
     token sampled, and ends generation when its structure is complete."""
     engine = model.engine
+    if constraint is not None and speculation is not None:
+        raise EdgeLlamaError("structured output (a JSON schema or forced tool call) and speculative decoding "
+                             "cannot be combined: drop one of them")
     if engine.pos + len(new_ids) > engine.context:
         raise EdgeLlamaError(f"the prompt ({engine.pos + len(new_ids)} tokens) does not fit the context of "
                              f"{engine.context} tokens (raise --max-context, or shorten it)")
     sampler = Sampler(params)
+    speculator = Speculator(model, speculation, params) if speculation is not None else None
     stats = Stats(prompt_tokens=len(new_ids))
     t0 = time.perf_counter()
     logits = engine.forward(new_ids)
+    history.extend(new_ids)
+    if speculator is not None:
+        speculator.prefill(history)  # a draft model's prompt counts toward time to first token
     stats.ttft_s = time.perf_counter() - t0
     stats.prefill_tok_s = len(new_ids) / stats.ttft_s if stats.ttft_s > 0 else 0.0
-    history.extend(new_ids)
+    source = _plain_tokens(engine, logits, sampler, history, constraint) if speculator is None else \
+        speculator.tokens(logits, sampler, history)
     t_decode = time.perf_counter()
-    for n in range(params.max_new_tokens):
+    with closing(source):
+        # pos: the cache length once this token is taken (it is fed back with the next step)
+        for n, (token, pos) in enumerate(source):
+            stats.generated_tokens = n + 1
+            if n:
+                stats.decode_tok_s = n / (time.perf_counter() - t_decode)
+            if speculator is not None:
+                stats.draft_tokens = speculator.stats.draft_tokens
+                stats.accepted_tokens = speculator.stats.accepted_tokens
+            stats.peak_rss_mb = peak_rss_mb()
+            finish = None
+            if token in model.stop_ids or (constraint is not None and constraint.is_done()):
+                finish = "stop"
+            elif n + 1 == params.max_new_tokens or pos >= engine.context:  # no room to feed it back
+                finish = "length"
+            # A snapshot per event: a consumer that keeps events must not see later numbers in earlier ones.
+            yield token, replace(stats), finish
+            if finish:
+                return
+            if n == 0:
+                t_decode = time.perf_counter()  # decode speed counts steps after the first token
+
+
+def _plain_tokens(engine, logits: np.ndarray, sampler: Sampler, history: list[int],
+                  constraint: TokenConstraint | None = None) -> Iterator[tuple[int, int]]:
+    """One token per run: sample, and feed it back when the next one is asked for."""
+    while True:
         if constraint is not None:
             logits = constraint.mask(logits)
         token = sampler(logits, history)
         history.append(token)
         if constraint is not None:
             constraint.advance(token)
-        stats.generated_tokens = n + 1
-        if n:
-            stats.decode_tok_s = n / (time.perf_counter() - t_decode)
-        stats.peak_rss_mb = peak_rss_mb()
-        finish = None
-        if token in model.stop_ids or (constraint is not None and constraint.is_done()):
-            finish = "stop"
-        elif n + 1 == params.max_new_tokens or engine.pos >= engine.context:  # no room to feed it back
-            finish = "length"
-        # A snapshot per event: a consumer that keeps events must not see later numbers in earlier ones.
-        yield token, replace(stats), finish
-        if finish:
-            return
-        if n == 0:
-            t_decode = time.perf_counter()  # decode speed counts steps after the first token
+        yield token, engine.pos
         logits = engine.forward([token])
 
 
 def stream_ids(model: Model, prompt_ids: list[int], params: SamplingParams | None = None, *,
-               history: list[int] | None = None,
-               constraint: TokenConstraint | None = None) -> Iterator[GenerationEvent]:
-    """Stream from already-tokenized input, appended to whatever the cache holds."""
+               history: list[int] | None = None, speculate: SpeculateArg = None,
+               draft_tokens: int | None = None, constraint: TokenConstraint | None = None) -> Iterator[GenerationEvent]:
+    """Stream from already-tokenized input, appended to whatever the cache holds.
+
+    speculate: "lookup", a draft bundle's directory, a loaded draft Model, or a Speculation
+    (docs/speculative.md); draft_tokens: the most tokens drafted per run; constraint: a token mask
+    (json_constraint) applied before each sample."""
     params = (params or SamplingParams()).validate()
+    speculation = as_speculation(speculate, draft_tokens)
     decoder = IncrementalDecoder(model.tokenizer)
     matcher = StopStringMatcher(params.stop)
     history = history if history is not None else []
-    for token, stats, finish in _generate_ids(model, list(prompt_ids), params, history, constraint):
-        is_stop_id = token in model.stop_ids
-        delta = "" if is_stop_id else decoder.add(token)
-        if finish and not is_stop_id:
-            delta += decoder.flush()
-        if params.stop:
-            delta, hit = matcher.feed(delta)
-            if finish and not hit:
-                delta += matcher.flush()
-            if hit:
-                yield GenerationEvent(delta, token, stats, "stop")
-                return
-        yield GenerationEvent(delta, token, stats, finish)
+    with closing(_generate_ids(model, list(prompt_ids), params, history, speculation, constraint)) as steps:
+        for token, stats, finish in steps:
+            is_stop_id = finish == "stop"
+            delta = "" if is_stop_id else decoder.add(token)
+            if finish and not is_stop_id:
+                delta += decoder.flush()
+            if params.stop:
+                delta, hit = matcher.feed(delta)
+                if finish and not hit:
+                    delta += matcher.flush()
+                if hit:
+                    yield GenerationEvent(delta, token, stats, "stop")
+                    return
+            yield GenerationEvent(delta, token, stats, finish)
 
 
 def json_constraint(model: Model, json_schema: dict | str | None) -> TokenConstraint | None:
@@ -254,8 +290,8 @@ def json_constraint(model: Model, json_schema: dict | str | None) -> TokenConstr
 
 
 def stream_generate(model: Model, prompt: str, params: SamplingParams | None = None, *, chat: bool = False,
-                    system: str | None = None, json_schema: dict | str | None = None,
-                    **sampling) -> Iterator[GenerationEvent]:
+                    system: str | None = None, speculate: SpeculateArg = None, draft_tokens: int | None = None,
+                    json_schema: dict | str | None = None, **sampling) -> Iterator[GenerationEvent]:
     """Yield one GenerationEvent per token. Keyword sampling options (temperature=..., ...) build the params.
 
     json_schema: the answer is constrained to JSON that validates against it."""
@@ -264,12 +300,14 @@ def stream_generate(model: Model, prompt: str, params: SamplingParams | None = N
     constraint = json_constraint(model, json_schema)
     model.engine.reset()
     yield from stream_ids(model, model.encode_prompt(prompt, chat=chat, system=system), params,
-                          constraint=constraint)
+                          speculate=speculate, draft_tokens=draft_tokens, constraint=constraint)
 
 
 def generate(model: Model, prompt: str, params: SamplingParams | None = None, *, chat: bool = False,
-             system: str | None = None, json_schema: dict | str | None = None, **sampling) -> str:
+             system: str | None = None, speculate: SpeculateArg = None, draft_tokens: int | None = None,
+             json_schema: dict | str | None = None, **sampling) -> str:
     return "".join(e.text for e in stream_generate(model, prompt, params, chat=chat, system=system,
+                                                   speculate=speculate, draft_tokens=draft_tokens,
                                                    json_schema=json_schema, **sampling))
 
 
@@ -287,10 +325,12 @@ class ChatSession:
     """A conversation whose KV cache persists across turns: each turn prefills only its new tokens."""
 
     def __init__(self, model: Model, *, system: str | None = None, params: SamplingParams | None = None,
-                 truncate: bool = False):
+                 truncate: bool = False, speculate: SpeculateArg = None, draft_tokens: int | None = None):
         self.model = model
         self.params = params or SamplingParams()
         self.truncate = truncate
+        # One Speculation for the session: a draft bundle is loaded at the first turn and kept.
+        self.speculation = as_speculation(speculate, draft_tokens)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self._cached: list[int] = []  # token ids the engine's cache holds, in order
         self._turn_marks: list[tuple[int, int]] = []  # (message count, cached tokens) before each turn
@@ -348,12 +388,14 @@ class ChatSession:
             new = self._prompt_ids()
         reply: list[str] = []
         generated: list[int] = []
+        events = stream_ids(self.model, new, params, history=list(self._cached), speculate=self.speculation)
         try:
-            for event in stream_ids(self.model, new, params, history=list(self._cached)):
+            for event in events:
                 generated.append(event.token_id)
                 reply.append(event.text)
                 yield event
         finally:
+            events.close()  # a speculative step cuts the cache back to the tokens handed out
             # However the answer ended (a stop, the consumer breaking off, Ctrl-C, an error), the
             # engine's position says how much of prompt + answer its cache holds: the last token
             # of an answer is never fed back, and an interrupted step may or may not have landed.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
 import json
 import re
 import secrets
@@ -103,6 +105,12 @@ class Tokenizer:
     def backend_json(self) -> str:
         """The tokenizer as tokenizer.json text (what grammar libraries build their vocabulary from)."""
         return self._tok.to_str()
+
+    @functools.cached_property
+    def vocab_digest(self) -> str:
+        """sha256 of every (token string, id) pair, added tokens included: equal digests, equal vocabularies."""
+        pairs = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
