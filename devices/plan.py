@@ -104,14 +104,25 @@ def read_model_config(source: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def matrix_bytes(rows: int, cols: int, quant: str, *, block_size: int, float_bytes: int) -> int:
+def matrix_bytes(rows: int, cols: int, quant: str, *, block_size: int, float_bytes: int,
+                 symmetric: bool = False) -> int:
     """Stored size of a [rows, cols] weight; quantization groups run along cols (the reduction axis)."""
     if quant in FLOAT_BYTES:
         return rows * cols * FLOAT_BYTES[quant]
     if quant == "int8":  # symmetric, one scale per row
         return rows * cols + rows * float_bytes
-    blocks = math.ceil(cols / block_size)  # int4: a scale and a 4-bit zero point per block, cols padded to whole blocks
-    return rows * (blocks * block_size // 2 + blocks * float_bytes + math.ceil(blocks / 2))
+    blocks = math.ceil(cols / block_size)  # int4: a scale (and a 4-bit zero point) per block, cols padded to whole blocks
+    return rows * (blocks * block_size // 2 + blocks * float_bytes + (0 if symmetric else math.ceil(blocks / 2)))
+
+
+def preset_format(quant: str) -> dict[str, Any]:
+    """How a `quant` prices: plain names as they are; int4-fast by its preset (symmetric int4 in its own
+    blocks, its own table precision and blocks)."""
+    from edgellama.quantize.presets import PRESETS
+
+    if quant == "int4-fast":
+        return dict(PRESETS[quant].plan)
+    return {"quant": quant}
 
 
 @dataclass(frozen=True)
@@ -146,9 +157,13 @@ class _Sizer:
     block_size: int
     float_bytes: int
     kv_bytes_per_elem: int
+    symmetric: bool = False  # int4 without zero points (the fast preset)
+    embed_block_size: int | None = None  # the tables' own int4 block (None: block_size)
 
     def matrix(self, rows: int, cols: int, quant: str | None = None) -> int:
-        return matrix_bytes(rows, cols, quant or self.quant, block_size=self.block_size, float_bytes=self.float_bytes)
+        table = quant is not None
+        return matrix_bytes(rows, cols, quant or self.quant, float_bytes=self.float_bytes, symmetric=self.symmetric,
+                            block_size=(self.embed_block_size or self.block_size) if table else self.block_size)
 
     def layers(self) -> int:
         a = self.arch
@@ -220,11 +235,12 @@ def plan(
     `embed_quant` is how the embedding table and lm_head are stored (default: like the rest,
     except in an int4 bundle, ONNX or Core ML, which keeps them at int8 as the quantizer does).
     """
+    if quant not in QUANTS:
+        raise EdgeLlamaError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if embed_quant is None and quant == "int4":
         embed_quant = "int8"  # the int4 quantizer's default, for both formats
-    for name, value in (("quant", quant), ("embed_quant", embed_quant or quant)):
-        if value not in QUANTS:
-            raise EdgeLlamaError(f"unknown {name} {value!r}; choose one of {', '.join(QUANTS)}")
+    if embed_quant is not None and embed_quant not in QUANTS[:-1]:
+        raise EdgeLlamaError(f"unknown embed_quant {embed_quant!r}; choose one of {', '.join(QUANTS[:-1])}")
     if kv_dtype is not None and kv_dtype not in FLOAT_BYTES:
         raise EdgeLlamaError(f"unknown KV cache dtype {kv_dtype!r}; choose fp32 or fp16")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
@@ -244,7 +260,10 @@ def plan(
 
     def sizer(q: str) -> _Sizer:
         kv = kv_dtype or float_dtype(q)
-        return _Sizer(arch, q, embed_quant or q, block_size, FLOAT_BYTES[float_dtype(q)], FLOAT_BYTES[kv])
+        fmt = preset_format(q)  # int4-fast brings its own blocks and tables; the caller's apply to the rest
+        return _Sizer(arch, fmt["quant"], fmt["embed_quant"] if "embed_quant" in fmt else (embed_quant or q),
+                      fmt.get("block_size", block_size), FLOAT_BYTES[float_dtype(q)], FLOAT_BYTES[kv],
+                      symmetric=fmt.get("symmetric", False), embed_block_size=fmt.get("embed_block_size"))
 
     budget = device.app_memory_bytes
     s = sizer(quant)

@@ -281,7 +281,12 @@ def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[st
     from edgellama.devices.plan import ModelShape, plan
 
     shape = ModelShape.from_hf_config(architecture)
-    if quantization:
+    from edgellama.quantize.presets import of_record
+
+    preset = of_record(quantization)
+    if preset is not None and preset.name == "int4-fast":  # priced by its own blocks and tables
+        quant, block, embed_quant = preset.name, 32, None
+    elif quantization:
         quant, block = f"int{quantization['bits']}", int(quantization["block_size"])
         embed = quantization.get("embeddings", "keep")
         embed_quant = dtype if embed == "keep" else embed

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from edgellama.errors import EdgeLlamaError
 from edgellama.quantize.methods import METHODS, quantize
 from edgellama.quantize.numerics import QuantizedTensor
+from edgellama.quantize.presets import resolve as resolve_preset
 from edgellama.quantize.packing import (dequantize_linear, gather_block_quantized, matmul_nbits,
                                         onnx_raw_data)
 
@@ -53,10 +54,20 @@ class QuantOptions:
     # scales reach it through a Cast that onnxruntime folds at session load: half a bit per
     # weight less on disk at block 32 (int4 5.125 -> 4.625), nothing at run time.
     scale_dtype: str = "float16"
+    preset: str | None = None  # the --quant preset these options came from (quantize/presets.py)
+    preset_overrides: tuple[str, ...] = ()  # options given explicitly that differ from the preset's
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantOptions":
         d = dict(d)
+        preset, overrides = d.pop("preset", None), ()
+        if preset is not None:
+            p = resolve_preset(preset)
+            preset = p.name
+            overrides = tuple(sorted(k for k, v in d.items() if k not in p.options or p.options[k] != v))
+            if "bits" in overrides:  # every preset names its bits
+                raise EdgeLlamaError(f"--quant {p.name} is {p.options['bits']}-bit: it cannot take --bits {d['bits']}")
+            d = {**p.options, **d}
         bits = d.pop("bits", 4)
         if bits not in (4, 8):
             raise EdgeLlamaError(f"--bits must be 4 or 8, got {bits}")
@@ -77,7 +88,8 @@ class QuantOptions:
                    lm_head=d.pop("lm_head", None) or ("int8" if bits == 8 else default_head),
                    symmetric=d.pop("symmetric", None),
                    accuracy_level=d.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL),
-                   scale_dtype=d.pop("scale_dtype", None) or "float16")
+                   scale_dtype=d.pop("scale_dtype", None) or "float16",
+                   preset=preset, preset_overrides=overrides)
         if d:
             raise EdgeLlamaError(f"unknown quantization option(s): {', '.join(sorted(d))}")
         for bs in (opts.block_size, opts.embedding_block_size or 16):

@@ -118,6 +118,8 @@ def quant_label(manifest: B.Manifest) -> str:
     if not q:
         return manifest.dtype
     label = f"int{q.get('bits', '?')}"
+    if q.get("preset") and not q.get("preset_overrides"):
+        label = q["preset"]
     if q.get("bits") == 4:
         label += f" b{q.get('block_size')}"
     if q.get("embeddings") not in (None, "keep"):
@@ -140,6 +142,11 @@ def _plan_quant(manifest: B.Manifest) -> tuple[str, str, int]:
     q = manifest.quantization
     if not q:
         return manifest.dtype, manifest.dtype, 32
+    from edgellama.quantize.presets import of_record
+
+    if getattr(of_record(q), "name", None) == "int4-fast":
+        # plan() prices the preset's own blocks and tables; the block returned is the tables'.
+        return "int4-fast", "int4", int(q.get("embedding_block_size") or q["block_size"])
     quant = f"int{q['bits']}"
     emb = q.get("embeddings") or quant
     return quant, manifest.dtype if emb == "keep" else emb, int(q.get("block_size") or 32)
