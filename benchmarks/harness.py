@@ -122,13 +122,21 @@ def _run_logged(cmd: list[str], logfile: Path, **kw) -> None:
         raise SystemExit(f"harness: failed ({proc.returncode}): {' '.join(map(str, cmd))}\n  " + "\n  ".join(tail))
 
 
-def edgellama_build(w: Workload, hf: Path, cfg: Config) -> Path:
-    out = w.dir / "edgellama-int4"
-    if not (out / "edgellama.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        _run_logged([sys.executable, "-m", "edgellama", "export", str(hf), "-o", str(out), "--quant", "int4"],
-                    w.dir / "edgellama-int4.log")
-    return out
+def edgellama_build(preset: str) -> Callable[[Workload, Path, "Config"], Path]:
+    """`edgellama export --quant PRESET` of the workload's HF folder (quantize/presets.py)."""
+    def build(w: Workload, hf: Path, cfg: Config) -> Path:
+        out = w.dir / f"edgellama-{preset}"
+        if not (out / "edgellama.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            _run_logged([sys.executable, "-m", "edgellama", "export", str(hf), "-o", str(out), "--quant", preset],
+                        w.dir / f"edgellama-{preset}.log")
+        return out
+
+    return build
+
+
+def edgellama_recipe(preset: str) -> Callable[[Workload, "Config"], str]:
+    return lambda w, c: f"edgellama export {w.hf} -o {w.dir / f'edgellama-{preset}'} --quant {preset}"
 
 
 def edgellama_command(bundle: Path, prompt_file: Path, cfg: Config) -> list[str]:
@@ -207,10 +215,14 @@ def _onnx_files(d: Path) -> list[Path]:
 
 
 SYSTEMS = [
-    System("edgellama int4", edgellama_build, edgellama_command, _onnx_files,
-           lambda w, c: f"edgellama export {w.hf} -o {w.dir / 'edgellama-int4'} --quant int4"),
+    # The first system is the baseline of every ratio; the presets are quantize/presets.py's.
+    System("edgellama int4", edgellama_build("int4"), edgellama_command, _onnx_files, edgellama_recipe("int4")),
+    System("edgellama int4-fast", edgellama_build("int4-fast"), edgellama_command, _onnx_files,
+           edgellama_recipe("int4-fast")),
+    System("edgellama int8", edgellama_build("int8"), edgellama_command, _onnx_files, edgellama_recipe("int8")),
     System("llama.cpp Q4_0", llamacpp_build("Q4_0"), llamacpp_command, lambda p: [p], llamacpp_recipe("Q4_0")),
     System("llama.cpp Q4_K_M", llamacpp_build("Q4_K_M"), llamacpp_command, lambda p: [p], llamacpp_recipe("Q4_K_M")),
+    System("llama.cpp Q8_0", llamacpp_build("Q8_0"), llamacpp_command, lambda p: [p], llamacpp_recipe("Q8_0")),
     System("ort-genai int4 (as built)", genai_build(False), genai_command, bench_genai.weight_files, genai_recipe(False)),
     System("ort-genai int4 (tuned)", genai_build(True), genai_command, bench_genai.weight_files, genai_recipe(True)),
 ]
@@ -371,8 +383,15 @@ def _show(text: str) -> str:
     return text.replace(sys.executable, "python").replace(str(REPO) + os.sep, "")
 
 
+def per_round(row: Row, base: Row, key: str) -> str:
+    """min-max over rounds of row's figure / the baseline's in the same round (interleaved, so same conditions)."""
+    ratios = sorted(a[key] / b[key] for a, b in zip(row.runs, base.runs))
+    return f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
 def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, list[str]], started: float,
-                  loads: tuple[str, str], commands: dict[str, list[str]], calibration: list[str]) -> str:
+                  loads: tuple[str, str], commands: dict[str, list[str]], calibration: list[str],
+                  results: Path = RESULTS) -> str:
     from edgellama.runtime.bench import markdown_table
 
     m, v = machine(), versions()
@@ -399,13 +418,14 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
     for name, rows in tables.items():
         base = rows[0]
         head = ["system", "file MB", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB",
-                "decode × edgellama", "TTFT × edgellama", "agree"]
+                "decode × edgellama", "per round", "TTFT × edgellama", "per round ", "agree"]
         body = []
         for r in rows:
             body.append([r.system, f"{r.file_bytes / 1e6:.1f}", f"{1000 * r.median('ttft_s'):.1f}",
                          f"{r.median('prefill_tok_s'):.1f}", f"{r.median('decode_tok_s'):.2f}",
                          f"{r.median('peak_rss_mb'):.0f}", f"{r.median('decode_tok_s') / base.median('decode_tok_s'):.2f}",
-                         f"{r.median('ttft_s') / base.median('ttft_s'):.2f}",
+                         per_round(r, base, "decode_tok_s"), f"{r.median('ttft_s') / base.median('ttft_s'):.2f}",
+                         per_round(r, base, "ttft_s"),
                          f"{agreement(r.runs[0]['token_ids'], base.runs[0]['token_ids'])}/{cfg.new_tokens}"])
         lines += [f"### {WORKLOADS[name].title}", "", markdown_table(head, body), ""]
     if calibration:
@@ -417,7 +437,7 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
     for name, cs in commands.items():
         lines += [f"{WORKLOADS[name].title}:", "", "```", *map(_show, cs), "```", ""]
     text = "\n".join(lines)
-    RESULTS.write_text(text)
+    results.write_text(text)
     return text
 
 
@@ -433,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-probe", action="store_true", help="keep the host profile's bandwidth instead of re-probing")
     ap.add_argument("--calibrate", action="store_true",
                     help="store the decode efficiency that fits the edgellama measurements in the host profile")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write (a partial run: elsewhere)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = ap.parse_args(argv)
     cfg = Config(args.prompt_tokens, args.new_tokens, args.threads, args.repeat)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
@@ -475,8 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         tables[name] = rows
     load1 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     calibration = calibrate(tables, args.calibrate)
-    print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration))
-    log(f"wrote {RESULTS}")
+    print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration, args.results))
+    if args.json:
+        args.json.write_text(json.dumps({name: [{"system": r.system, "file_bytes": r.file_bytes,
+                                                 "runs": [{k: v for k, v in run.items() if k not in ("token_ids", "runs")}
+                                                          for run in r.runs]} for r in rows]
+                                         for name, rows in tables.items()}, indent=1))
+    log(f"wrote {args.results}")
     return 0
 
 
