@@ -302,6 +302,8 @@ def calibrate(tables: dict[str, list[Row]], write: bool) -> list[str]:
     host = get_profile(HOST)
     points = []  # (workload, layers, predicted at the current efficiency, measured, plan's bytes per token)
     for name, rows in tables.items():
+        if name not in WORKLOADS:  # the long-prompt tables: the planner models the short workload
+            continue
         runs = rows[0].runs
         pred = runs[0].get("predicted_decode_tok_s")
         if not pred:
@@ -383,6 +385,15 @@ def _show(text: str) -> str:
     return text.replace(sys.executable, "python").replace(str(REPO) + os.sep, "")
 
 
+LONG_PROMPT = 2048  # --long: the same systems after a prompt of this many tokens (decode at that depth)
+
+
+def table_title(key: str, cfg: Config) -> str:
+    """Tables are keyed by workload name, and "name@N" for the long-prompt run of the same workload."""
+    name, _, n = key.partition("@")
+    return f"{WORKLOADS[name].title}, {n or cfg.prompt_tokens}-token prompt"
+
+
 def per_round(row: Row, base: Row, key: str) -> str:
     """min-max over rounds of row's figure / the baseline's in the same round (interleaved, so same conditions)."""
     ratios = sorted(a[key] / b[key] for a, b in zip(row.runs, base.runs))
@@ -427,7 +438,7 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
                          per_round(r, base, "decode_tok_s"), f"{r.median('ttft_s') / base.median('ttft_s'):.2f}",
                          per_round(r, base, "ttft_s"),
                          f"{agreement(r.runs[0]['token_ids'], base.runs[0]['token_ids'])}/{cfg.new_tokens}"])
-        lines += [f"### {WORKLOADS[name].title}", "", markdown_table(head, body), ""]
+        lines += [f"### {table_title(name, cfg)}", "", markdown_table(head, body), ""]
     if calibration:
         lines += calibration
     lines += ["## How each artifact was built", ""]
@@ -435,7 +446,7 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
         lines += [f"{WORKLOADS[name].title}:", "", "```", *map(_show, rs), "```", ""]
     lines += ["## Measuring commands (one subprocess per run)", ""]
     for name, cs in commands.items():
-        lines += [f"{WORKLOADS[name].title}:", "", "```", *map(_show, cs), "```", ""]
+        lines += [f"{table_title(name, cfg)}:", "", "```", *map(_show, cs), "```", ""]
     text = "\n".join(lines)
     results.write_text(text)
     return text
@@ -453,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-probe", action="store_true", help="keep the host profile's bandwidth instead of re-probing")
     ap.add_argument("--calibrate", action="store_true",
                     help="store the decode efficiency that fits the edgellama measurements in the host profile")
+    ap.add_argument("--long", action="store_true",
+                    help=f"also measure every system after a {LONG_PROMPT}-token prompt (prefill, then decode at that depth)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write (a partial run: elsewhere)")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = ap.parse_args(argv)
@@ -484,17 +497,24 @@ def main(argv: list[str] | None = None) -> int:
 
     tables: dict[str, list[Row]] = {}
     commands: dict[str, list[str]] = {}
-    for name in names:
+    runs = [(name, cfg) for name in names]
+    if args.long:
+        from dataclasses import replace
+
+        runs += [(name, replace(cfg, prompt_tokens=LONG_PROMPT)) for name in names]
+    for name, c in runs:
+        key = name if c is cfg else f"{name}@{c.prompt_tokens}"
+        prompt = prompts[name] if c is cfg else prompt_file(WORKLOADS[name], artifacts[name][0][1], c)
         rows = [Row(s.name, sum(f.stat().st_size for f in s.files(a))) for s, a in artifacts[name]]
-        cmds = [s.command(a, prompts[name], cfg) for s, a in artifacts[name]]
-        commands[name] = [" ".join(c) for c in cmds]
+        cmds = [s.command(a, prompt, c) for s, a in artifacts[name]]
+        commands[key] = [" ".join(x) for x in cmds]
         for r in range(cfg.repeat):
             for row, cmd in zip(rows, cmds):
                 res = measure(cmd)
                 row.runs.append(res)
-                log(f"{name} round {r + 1}/{cfg.repeat} {row.system}: TTFT {1000 * res['ttft_s']:.0f} ms, "
+                log(f"{key} round {r + 1}/{cfg.repeat} {row.system}: TTFT {1000 * res['ttft_s']:.0f} ms, "
                     f"decode {res['decode_tok_s']:.2f} tok/s, RSS {res['peak_rss_mb']:.0f} MB")
-        tables[name] = rows
+        tables[key] = rows
     load1 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     calibration = calibrate(tables, args.calibrate)
     print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration, args.results))
