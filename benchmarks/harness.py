@@ -400,9 +400,51 @@ def per_round(row: Row, base: Row, key: str) -> str:
     return f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
 
 
+def frontier_plot(tables: dict[str, list[Row]], kld: dict[str, float], cfg: Config, out: Path) -> str | None:
+    """Decode tok/s against KLD (marker area ~ peak RSS), one panel per table; None without matplotlib or KLDs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        log("frontier plot skipped: matplotlib is not installed (pip install 'edgellama[bench]')")
+        return None
+    keys = [k for k, rows in tables.items() if any(r.system in kld for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for r in tables[key]:
+            if r.system not in kld:
+                continue
+            ours = r.system.startswith("edgellama")
+            ax.scatter(kld[r.system], r.median("decode_tok_s"), s=r.median("peak_rss_mb") / 4, alpha=0.6,
+                       color="tab:blue" if ours else "tab:gray", edgecolors="black")
+            ax.annotate(r.system, (kld[r.system], r.median("decode_tok_s")), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("mean KLD vs fp32, de-gridded SmolLM2 (log; left is better)")
+        ax.set_ylabel("decode tok/s (up is better)")
+        ax.set_title(table_title(key, cfg), fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("speed/quality frontier (marker area ~ peak RSS)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out.name
+
+
+def dominated(rows: list[Row], kld: dict[str, float]) -> list[str]:
+    """Peers both faster (median decode) and more accurate (KLD) than some edgellama preset."""
+    ours = [r for r in rows if r.system.startswith("edgellama") and r.system in kld]
+    return [f"{p.system} beats {o.system}" for p in rows if not p.system.startswith("edgellama") and p.system in kld
+            for o in ours if p.median("decode_tok_s") > o.median("decode_tok_s") and kld[p.system] < kld[o.system]]
+
+
 def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, list[str]], started: float,
                   loads: tuple[str, str], commands: dict[str, list[str]], calibration: list[str],
-                  results: Path = RESULTS) -> str:
+                  results: Path = RESULTS, kld: dict[str, float] | None = None) -> str:
     from edgellama.runtime.bench import markdown_table
 
     m, v = machine(), versions()
@@ -430,6 +472,8 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
         base = rows[0]
         head = ["system", "file MB", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB",
                 "decode × edgellama", "per round", "TTFT × edgellama", "per round ", "agree"]
+        if kld:
+            head.append("KLD")
         body = []
         for r in rows:
             body.append([r.system, f"{r.file_bytes / 1e6:.1f}", f"{1000 * r.median('ttft_s'):.1f}",
@@ -438,7 +482,18 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
                          per_round(r, base, "decode_tok_s"), f"{r.median('ttft_s') / base.median('ttft_s'):.2f}",
                          per_round(r, base, "ttft_s"),
                          f"{agreement(r.runs[0]['token_ids'], base.runs[0]['token_ids'])}/{cfg.new_tokens}"])
+            if kld:
+                body[-1].append(f"{kld[r.system]:.4f}" if r.system in kld else "")
         lines += [f"### {table_title(name, cfg)}", "", markdown_table(head, body), ""]
+        if kld:
+            beaten = dominated(rows, kld)
+            lines += ["Peers faster and more accurate than an edgellama preset: "
+                      + ("; ".join(beaten) if beaten else "none") + ".", ""]
+    if kld:
+        png = frontier_plot(tables, kld, cfg, results.with_suffix(".png"))
+        lines += [f"KLD: mean KL divergence from the fp32 model on de-gridded SmolLM2 (docs/quantization.md), the "
+                  "same figure on every table (quality is a property of the format, not the prompt)."
+                  + (f" Frontier plot: [{png}]({png})." if png else ""), ""]
     if calibration:
         lines += calibration
     lines += ["## How each artifact was built", ""]
@@ -466,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="store the decode efficiency that fits the edgellama measurements in the host profile")
     ap.add_argument("--long", action="store_true",
                     help=f"also measure every system after a {LONG_PROMPT}-token prompt (prefill, then decode at that depth)")
+    ap.add_argument("--kld", type=Path, default=None,
+                    help="JSON {system name: mean KLD on de-gridded SmolLM2}: adds the KLD column and the frontier PNG")
     ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write (a partial run: elsewhere)")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = ap.parse_args(argv)
@@ -517,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         tables[key] = rows
     load1 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     calibration = calibrate(tables, args.calibrate)
-    print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration, args.results))
+    print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration, args.results,
+                        json.loads(args.kld.read_text()) if args.kld else None))
     if args.json:
         args.json.write_text(json.dumps({name: [{"system": r.system, "file_bytes": r.file_bytes,
                                                  "runs": [{k: v for k, v in run.items() if k not in ("token_ids", "runs")}
