@@ -159,10 +159,12 @@ class _Sizer:
     kv_bytes_per_elem: int
     symmetric: bool = False  # int4 without zero points (the fast preset)
     embed_block_size: int | None = None  # the tables' own int4 block (None: block_size)
+    embed_symmetric: bool | None = None  # the tables' symmetry (None: symmetric)
 
     def matrix(self, rows: int, cols: int, quant: str | None = None) -> int:
         table = quant is not None
-        return matrix_bytes(rows, cols, quant or self.quant, float_bytes=self.float_bytes, symmetric=self.symmetric,
+        sym = self.embed_symmetric if table and self.embed_symmetric is not None else self.symmetric
+        return matrix_bytes(rows, cols, quant or self.quant, float_bytes=self.float_bytes, symmetric=sym,
                             block_size=(self.embed_block_size or self.block_size) if table else self.block_size)
 
     def layers(self) -> int:
@@ -173,7 +175,12 @@ class _Sizer:
     def weights(self) -> int:
         a = self.arch
         table = self.matrix(a.vocab_size, a.hidden_size, self.embed_quant)
-        return self.layers() + table * (1 if a.tie_word_embeddings else 2)  # a tied table is stored once
+        extra = 0
+        if a.tie_word_embeddings and self.embed_symmetric is False and self.embed_quant == "int4":
+            # GatherBlockQuantized and MatMulNBits share the codes and scales, not the zero points: the
+            # Gather's copy holds one per byte (packing.gather_block_quantized).
+            extra = a.vocab_size * math.ceil(a.hidden_size / (self.embed_block_size or self.block_size))
+        return self.layers() + table * (1 if a.tie_word_embeddings else 2) + extra  # a tied table is stored once
 
     def read_per_token(self, context: int) -> int:
         a = self.arch
@@ -263,7 +270,8 @@ def plan(
         fmt = preset_format(q)  # int4-fast brings its own blocks and tables; the caller's apply to the rest
         return _Sizer(arch, fmt["quant"], fmt["embed_quant"] if "embed_quant" in fmt else (embed_quant or q),
                       fmt.get("block_size", block_size), FLOAT_BYTES[float_dtype(q)], FLOAT_BYTES[kv],
-                      symmetric=fmt.get("symmetric", False), embed_block_size=fmt.get("embed_block_size"))
+                      symmetric=fmt.get("symmetric", False), embed_block_size=fmt.get("embed_block_size"),
+                      embed_symmetric=fmt.get("embed_symmetric"))
 
     budget = device.app_memory_bytes
     s = sizer(quant)

@@ -39,6 +39,7 @@ def test_preset_options_and_overrides():
     assert (fast.preset, fast.bits, fast.block_size, fast.symmetric, fast.method, fast.mixed) == \
         ("int4-fast", 4, FAST_BLOCK, True, "hqq", False)
     assert (fast.embeddings, fast.lm_head, fast.embedding_block_size, fast.smooth) == ("int4", "int4", FAST_TABLE_BLOCK, True)
+    assert fast.table_symmetric is False
     assert fast.preset_overrides == ()
     # The balanced preset is exactly the int4 defaults, so --bits 4 and --quant int4 make the same bundle.
     plain, balanced = QuantOptions.from_dict({"bits": 4}), QuantOptions.from_dict({"preset": "q4_k_m"})
@@ -63,14 +64,17 @@ def test_quantize_int4_fast_writes_the_fast_kernel_format(exported, tmp_path, ca
     mm = nodes(out, "MatMulNBits")
     linears = [n for n in mm if not n.name.startswith("lm_head")]
     assert linears and all(attrs(n)["bits"] == 4 and attrs(n)["block_size"] == FAST_BLOCK for n in linears)
-    # Symmetric: no zero-point input, so onnxruntime takes MatMulNBits' fast path.
-    assert all(len(n.input) == 3 for n in mm)
+    # Symmetric linears: no zero-point input, so onnxruntime takes MatMulNBits' fast path.
+    assert all(len(n.input) == 3 for n in linears)
     head, = [n for n in mm if n.name.startswith("lm_head")]
-    assert (attrs(head)["bits"], attrs(head)["block_size"]) == (4, FAST_TABLE_BLOCK)
+    assert (attrs(head)["bits"], attrs(head)["block_size"], len(head.input)) == (4, FAST_TABLE_BLOCK, 4)
     gather, = nodes(out, "GatherBlockQuantized")
     assert gather.input[0] == head.input[1]  # the tied table is stored once
     inits = scan_initializers(out / "model.onnx")
-    assert not any(n.endswith(("qzeros", "gather_zeros")) for n in inits)
+    # Only the table has zero points (asymmetric): 4 bits per block of 16.
+    assert sorted(n for n in inits if n.endswith(("qzeros", "gather_zeros"))) == \
+        ["model.embed_tokens.gather_zeros", "model.embed_tokens.qzeros"]
+    assert inits["model.embed_tokens.qzeros"].length == 128256 * (64 // FAST_TABLE_BLOCK) // 2
     # K = 64 pads to one block of 128: [N, 1, 64 bytes] codes.
     assert inits["model.layers.0.mlp.down_proj.qweight"].length == 64 * 1 * 64
     assert "preset int4-fast" in run_cli(["inspect", out], capsys).out
