@@ -122,13 +122,21 @@ def _run_logged(cmd: list[str], logfile: Path, **kw) -> None:
         raise SystemExit(f"harness: failed ({proc.returncode}): {' '.join(map(str, cmd))}\n  " + "\n  ".join(tail))
 
 
-def edgellama_build(w: Workload, hf: Path, cfg: Config) -> Path:
-    out = w.dir / "edgellama-int4"
-    if not (out / "edgellama.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        _run_logged([sys.executable, "-m", "edgellama", "export", str(hf), "-o", str(out), "--quant", "int4"],
-                    w.dir / "edgellama-int4.log")
-    return out
+def edgellama_build(preset: str) -> Callable[[Workload, Path, "Config"], Path]:
+    """`edgellama export --quant PRESET` of the workload's HF folder (quantize/presets.py)."""
+    def build(w: Workload, hf: Path, cfg: Config) -> Path:
+        out = w.dir / f"edgellama-{preset}"
+        if not (out / "edgellama.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            _run_logged([sys.executable, "-m", "edgellama", "export", str(hf), "-o", str(out), "--quant", preset],
+                        w.dir / f"edgellama-{preset}.log")
+        return out
+
+    return build
+
+
+def edgellama_recipe(preset: str) -> Callable[[Workload, "Config"], str]:
+    return lambda w, c: f"edgellama export {w.hf} -o {w.dir / f'edgellama-{preset}'} --quant {preset}"
 
 
 def edgellama_command(bundle: Path, prompt_file: Path, cfg: Config) -> list[str]:
@@ -207,10 +215,14 @@ def _onnx_files(d: Path) -> list[Path]:
 
 
 SYSTEMS = [
-    System("edgellama int4", edgellama_build, edgellama_command, _onnx_files,
-           lambda w, c: f"edgellama export {w.hf} -o {w.dir / 'edgellama-int4'} --quant int4"),
+    # The first system is the baseline of every ratio; the presets are quantize/presets.py's.
+    System("edgellama int4", edgellama_build("int4"), edgellama_command, _onnx_files, edgellama_recipe("int4")),
+    System("edgellama int4-fast", edgellama_build("int4-fast"), edgellama_command, _onnx_files,
+           edgellama_recipe("int4-fast")),
+    System("edgellama int8", edgellama_build("int8"), edgellama_command, _onnx_files, edgellama_recipe("int8")),
     System("llama.cpp Q4_0", llamacpp_build("Q4_0"), llamacpp_command, lambda p: [p], llamacpp_recipe("Q4_0")),
     System("llama.cpp Q4_K_M", llamacpp_build("Q4_K_M"), llamacpp_command, lambda p: [p], llamacpp_recipe("Q4_K_M")),
+    System("llama.cpp Q8_0", llamacpp_build("Q8_0"), llamacpp_command, lambda p: [p], llamacpp_recipe("Q8_0")),
     System("ort-genai int4 (as built)", genai_build(False), genai_command, bench_genai.weight_files, genai_recipe(False)),
     System("ort-genai int4 (tuned)", genai_build(True), genai_command, bench_genai.weight_files, genai_recipe(True)),
 ]
@@ -290,6 +302,8 @@ def calibrate(tables: dict[str, list[Row]], write: bool) -> list[str]:
     host = get_profile(HOST)
     points = []  # (workload, layers, predicted at the current efficiency, measured, plan's bytes per token)
     for name, rows in tables.items():
+        if name not in WORKLOADS:  # the long-prompt tables: the planner models the short workload
+            continue
         runs = rows[0].runs
         pred = runs[0].get("predicted_decode_tok_s")
         if not pred:
@@ -371,8 +385,66 @@ def _show(text: str) -> str:
     return text.replace(sys.executable, "python").replace(str(REPO) + os.sep, "")
 
 
+LONG_PROMPT = 2048  # --long: the same systems after a prompt of this many tokens (decode at that depth)
+
+
+def table_title(key: str, cfg: Config) -> str:
+    """Tables are keyed by workload name, and "name@N" for the long-prompt run of the same workload."""
+    name, _, n = key.partition("@")
+    return f"{WORKLOADS[name].title}, {n or cfg.prompt_tokens}-token prompt"
+
+
+def per_round(row: Row, base: Row, key: str) -> str:
+    """min-max over rounds of row's figure / the baseline's in the same round (interleaved, so same conditions)."""
+    ratios = sorted(a[key] / b[key] for a, b in zip(row.runs, base.runs))
+    return f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
+def frontier_plot(tables: dict[str, list[Row]], kld: dict[str, float], cfg: Config, out: Path) -> str | None:
+    """Decode tok/s against KLD (marker area ~ peak RSS), one panel per table; None without matplotlib or KLDs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        log("frontier plot skipped: matplotlib is not installed (pip install 'edgellama[bench]')")
+        return None
+    keys = [k for k, rows in tables.items() if any(r.system in kld for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for r in tables[key]:
+            if r.system not in kld:
+                continue
+            ours = r.system.startswith("edgellama")
+            ax.scatter(kld[r.system], r.median("decode_tok_s"), s=r.median("peak_rss_mb") / 4, alpha=0.6,
+                       color="tab:blue" if ours else "tab:gray", edgecolors="black")
+            ax.annotate(r.system, (kld[r.system], r.median("decode_tok_s")), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("mean KLD vs fp32, de-gridded SmolLM2 (log; left is better)")
+        ax.set_ylabel("decode tok/s (up is better)")
+        ax.set_title(table_title(key, cfg), fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("speed/quality frontier (marker area ~ peak RSS)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out.name
+
+
+def dominated(rows: list[Row], kld: dict[str, float]) -> list[str]:
+    """Peers both faster (median decode) and more accurate (KLD) than some edgellama preset."""
+    ours = [r for r in rows if r.system.startswith("edgellama") and r.system in kld]
+    return [f"{p.system} beats {o.system}" for p in rows if not p.system.startswith("edgellama") and p.system in kld
+            for o in ours if p.median("decode_tok_s") > o.median("decode_tok_s") and kld[p.system] < kld[o.system]]
+
+
 def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, list[str]], started: float,
-                  loads: tuple[str, str], commands: dict[str, list[str]], calibration: list[str]) -> str:
+                  loads: tuple[str, str], commands: dict[str, list[str]], calibration: list[str],
+                  results: Path = RESULTS, kld: dict[str, float] | None = None) -> str:
     from edgellama.runtime.bench import markdown_table
 
     m, v = machine(), versions()
@@ -399,15 +471,29 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
     for name, rows in tables.items():
         base = rows[0]
         head = ["system", "file MB", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB",
-                "decode × edgellama", "TTFT × edgellama", "agree"]
+                "decode × edgellama", "per round", "TTFT × edgellama", "per round ", "agree"]
+        if kld:
+            head.append("KLD")
         body = []
         for r in rows:
             body.append([r.system, f"{r.file_bytes / 1e6:.1f}", f"{1000 * r.median('ttft_s'):.1f}",
                          f"{r.median('prefill_tok_s'):.1f}", f"{r.median('decode_tok_s'):.2f}",
                          f"{r.median('peak_rss_mb'):.0f}", f"{r.median('decode_tok_s') / base.median('decode_tok_s'):.2f}",
-                         f"{r.median('ttft_s') / base.median('ttft_s'):.2f}",
+                         per_round(r, base, "decode_tok_s"), f"{r.median('ttft_s') / base.median('ttft_s'):.2f}",
+                         per_round(r, base, "ttft_s"),
                          f"{agreement(r.runs[0]['token_ids'], base.runs[0]['token_ids'])}/{cfg.new_tokens}"])
-        lines += [f"### {WORKLOADS[name].title}", "", markdown_table(head, body), ""]
+            if kld:
+                body[-1].append(f"{kld[r.system]:.4f}" if r.system in kld else "")
+        lines += [f"### {table_title(name, cfg)}", "", markdown_table(head, body), ""]
+        if kld:
+            beaten = dominated(rows, kld)
+            lines += ["Peers faster and more accurate than an edgellama preset: "
+                      + ("; ".join(beaten) if beaten else "none") + ".", ""]
+    if kld:
+        png = frontier_plot(tables, kld, cfg, results.with_suffix(".png"))
+        lines += [f"KLD: mean KL divergence from the fp32 model on de-gridded SmolLM2 (docs/quantization.md), the "
+                  "same figure on every table (quality is a property of the format, not the prompt)."
+                  + (f" Frontier plot: [{png}]({png})." if png else ""), ""]
     if calibration:
         lines += calibration
     lines += ["## How each artifact was built", ""]
@@ -415,9 +501,9 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
         lines += [f"{WORKLOADS[name].title}:", "", "```", *map(_show, rs), "```", ""]
     lines += ["## Measuring commands (one subprocess per run)", ""]
     for name, cs in commands.items():
-        lines += [f"{WORKLOADS[name].title}:", "", "```", *map(_show, cs), "```", ""]
+        lines += [f"{table_title(name, cfg)}:", "", "```", *map(_show, cs), "```", ""]
     text = "\n".join(lines)
-    RESULTS.write_text(text)
+    results.write_text(text)
     return text
 
 
@@ -433,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-probe", action="store_true", help="keep the host profile's bandwidth instead of re-probing")
     ap.add_argument("--calibrate", action="store_true",
                     help="store the decode efficiency that fits the edgellama measurements in the host profile")
+    ap.add_argument("--long", action="store_true",
+                    help=f"also measure every system after a {LONG_PROMPT}-token prompt (prefill, then decode at that depth)")
+    ap.add_argument("--kld", type=Path, default=None,
+                    help="JSON {system name: mean KLD on de-gridded SmolLM2}: adds the KLD column and the frontier PNG")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write (a partial run: elsewhere)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = ap.parse_args(argv)
     cfg = Config(args.prompt_tokens, args.new_tokens, args.threads, args.repeat)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
@@ -462,21 +554,34 @@ def main(argv: list[str] | None = None) -> int:
 
     tables: dict[str, list[Row]] = {}
     commands: dict[str, list[str]] = {}
-    for name in names:
+    runs = [(name, cfg) for name in names]
+    if args.long:
+        from dataclasses import replace
+
+        runs += [(name, replace(cfg, prompt_tokens=LONG_PROMPT)) for name in names]
+    for name, c in runs:
+        key = name if c is cfg else f"{name}@{c.prompt_tokens}"
+        prompt = prompts[name] if c is cfg else prompt_file(WORKLOADS[name], artifacts[name][0][1], c)
         rows = [Row(s.name, sum(f.stat().st_size for f in s.files(a))) for s, a in artifacts[name]]
-        cmds = [s.command(a, prompts[name], cfg) for s, a in artifacts[name]]
-        commands[name] = [" ".join(c) for c in cmds]
+        cmds = [s.command(a, prompt, c) for s, a in artifacts[name]]
+        commands[key] = [" ".join(x) for x in cmds]
         for r in range(cfg.repeat):
             for row, cmd in zip(rows, cmds):
                 res = measure(cmd)
                 row.runs.append(res)
-                log(f"{name} round {r + 1}/{cfg.repeat} {row.system}: TTFT {1000 * res['ttft_s']:.0f} ms, "
+                log(f"{key} round {r + 1}/{cfg.repeat} {row.system}: TTFT {1000 * res['ttft_s']:.0f} ms, "
                     f"decode {res['decode_tok_s']:.2f} tok/s, RSS {res['peak_rss_mb']:.0f} MB")
-        tables[name] = rows
+        tables[key] = rows
     load1 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     calibration = calibrate(tables, args.calibrate)
-    print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration))
-    log(f"wrote {RESULTS}")
+    print(write_results(tables, cfg, recipes, started, (load0, load1), commands, calibration, args.results,
+                        json.loads(args.kld.read_text()) if args.kld else None))
+    if args.json:
+        args.json.write_text(json.dumps({name: [{"system": r.system, "file_bytes": r.file_bytes,
+                                                 "runs": [{k: v for k, v in run.items() if k not in ("token_ids", "runs")}
+                                                          for run in r.runs]} for r in rows]
+                                         for name, rows in tables.items()}, indent=1))
+    log(f"wrote {args.results}")
     return 0
 
 

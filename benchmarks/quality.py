@@ -37,6 +37,17 @@ CONFIGS: list[tuple[str, dict]] = [
                                                                "embeddings": "int4", "lm_head": "int4", "smooth": False}),
     ("int4 hqq b32, emb/head int8 (mixed off)", {"bits": 4, "method": "hqq", "block_size": 32}),
     ("int4 hqq b16, emb/head int8 (mixed off)", {"bits": 4, "method": "hqq", "block_size": 16}),
+    ("int4 rtn sym b128, emb/head int4, --no-smooth (~genai tuned)",
+     {"bits": 4, "method": "rtn", "block_size": 128, "symmetric": True, "embeddings": "int4", "lm_head": "int4",
+      "smooth": False}),
+    ("fast: hqq sym b128, emb/head int4 b128", {"bits": 4, "method": "hqq", "block_size": 128, "symmetric": True,
+                                                "embeddings": "int4", "lm_head": "int4"}),
+    ("fast: hqq sym b128, emb/head int4 b32", {"bits": 4, "method": "hqq", "block_size": 128, "symmetric": True,
+                                               "embeddings": "int4", "lm_head": "int4", "embedding_block_size": 32}),
+    ("fast: hqq sym b128, emb/head int8 b32", {"bits": 4, "method": "hqq", "block_size": 128, "symmetric": True,
+                                               "embedding_block_size": 32}),
+    ("fast: hqq sym b128, emb/head int4 asym b32", {"preset": "int4-fast", "embedding_block_size": 32}),
+    ("int4-fast preset (emb/head int4 asym b16)", {"preset": "int4-fast"}),
 ]
 
 

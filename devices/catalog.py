@@ -16,7 +16,8 @@ from typing import Any
 
 from edgellama.errors import EdgeLlamaError
 
-QUANTS = ("fp32", "fp16", "int8", "int4")  # best quality first; the planner walks them in this order
+# Best quality first; the planner walks them in this order. int4-fast: quantize/presets.py's fast preset.
+QUANTS = ("fp32", "fp16", "int8", "int4", "int4-fast")
 CLASSES = ("phone", "laptop", "edge", "desktop")
 OSES = ("ios", "android", "macos", "linux", "windows")
 FORMATS = ("onnx", "coreml")

@@ -134,7 +134,7 @@ def _weight_format(source: str, config: dict, quant: str, block_size: int):
     would write (the quantizer's policy: int8 parts, q/k blocks); None (uniform) without the export extra."""
     from pathlib import Path
 
-    from edgellama.devices.plan import WeightFormat
+    from edgellama.devices.plan import ModelShape, WeightFormat, preset_weights
     from edgellama.runtime.bundle import MANIFEST
 
     if (Path(source) / MANIFEST).is_file():
@@ -146,15 +146,6 @@ def _weight_format(source: str, config: dict, quant: str, block_size: int):
             m = None
         if m and m.quantization and quant == f"int{m.quantization['bits']}":
             return WeightFormat.from_record(m.quantization, m.dtype)
-    if quant not in ("int4", "int8"):
-        return None
-    try:
-        from edgellama.export.config import LlamaConfig
-        from edgellama.export.onnx_graph import FloatWeights
-        from edgellama.quantize.onnx_weights import make_emitter, planned_summary
-    except ModuleNotFoundError:
-        return None
-    cfg = LlamaConfig.from_hf({"model_type": "llama", **config})
-    quant_opts = {"bits": int(quant[3:])} | ({"block_size": block_size} if block_size != 32 else {})
-    emitter, _ = make_emitter(cfg, quant_opts, form="fast", fallback=FloatWeights())
-    return WeightFormat.from_record(planned_summary(emitter), "fp32")
+    if block_size != 32 and quant in ("int4", "int8"):
+        return None  # a uniform format at the asked block size
+    return preset_weights(quant, ModelShape.from_hf_config(config))

@@ -111,9 +111,11 @@ def read_model_config(source: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def matrix_bytes(rows: int, cols: int, quant: str, *, block_size: int, float_bytes: int) -> int:
+def matrix_bytes(rows: int, cols: int, quant: str, *, block_size: int, float_bytes: int,
+                 symmetric: bool = False) -> int:
     """Stored size of a [rows, cols] weight; quantization groups run along cols (the reduction axis)."""
-    return _precision(quant, block_size).file_bytes(rows, cols, float_bytes)
+    prec = _precision(quant, block_size)
+    return (replace(prec, zero_points=False) if symmetric else prec).file_bytes(rows, cols, float_bytes)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,26 @@ def _precision(quant: str, block: int) -> Precision:
     if quant == "int4":
         return Precision(4, block, zero_points=True)
     raise EdgeLlamaError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+
+
+def preset_weights(quant: str, arch: "ModelShape") -> "WeightFormat | None":
+    """The exact format an export at this preset (int4, int4-fast, int8 or an alias) writes: the
+    quantizer's own policy run over the model's tensor names (planned_summary), so the planner never
+    restates it. None for float dtypes, or without the export extra (no quantizer installed)."""
+    if quant in FLOAT_BYTES:
+        return None
+    try:
+        from edgellama.export.config import LlamaConfig
+        from edgellama.export.onnx_graph import FloatWeights
+        from edgellama.quantize.onnx_weights import make_emitter, planned_summary
+        from edgellama.quantize.presets import resolve
+    except ModuleNotFoundError:
+        return None
+    preset = resolve(quant)
+    cfg = LlamaConfig.from_hf({"model_type": "llama", **asdict(arch)})
+    emitter, _ = make_emitter(cfg, {"preset": preset.name, "bits": preset.options["bits"]}, form="fast",
+                              fallback=FloatWeights())
+    return WeightFormat.from_record(planned_summary(emitter), "fp32")
 
 
 LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # linear_shapes' order
@@ -267,6 +289,10 @@ class _Sizer:
         a, f = self.arch, self.fmt
         table = self._matrix(f.table, a.vocab_size, a.hidden_size, False)
         head = 0 if a.tie_word_embeddings else self._matrix(f.head, a.vocab_size, a.hidden_size, False)
+        if a.tie_word_embeddings and f.table.bits == 4 and f.table.zero_points:
+            # GatherBlockQuantized and MatMulNBits share the codes and scales, not the zero points:
+            # the Gather's copy holds one per byte (packing.gather_block_quantized).
+            head = f.table.scales(a.vocab_size, a.hidden_size)
         return f.layer_bytes(a, packed=False) + table + head + self.norms()  # a tied table is stored once
 
     def weights_in_memory(self) -> int:
@@ -349,11 +375,12 @@ def plan(
     `weights`: the exact format of a bundle (WeightFormat.from_record), instead of a uniform
     `quant` at `block_size`; `quant` then only names its family for the other options compared.
     """
+    if quant not in QUANTS:
+        raise EdgeLlamaError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if embed_quant is None and quant == "int4":
         embed_quant = "int8"  # the int4 quantizer's default, for both formats
-    for name, value in (("quant", quant), ("embed_quant", embed_quant or quant)):
-        if value not in QUANTS:
-            raise EdgeLlamaError(f"unknown {name} {value!r}; choose one of {', '.join(QUANTS)}")
+    if embed_quant is not None and embed_quant not in QUANTS[:-1]:
+        raise EdgeLlamaError(f"unknown embed_quant {embed_quant!r}; choose one of {', '.join(QUANTS[:-1])}")
     if kv_dtype is not None and kv_dtype not in FLOAT_BYTES:
         raise EdgeLlamaError(f"unknown KV cache dtype {kv_dtype!r}; choose fp32 or fp16")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
@@ -378,6 +405,8 @@ def plan(
         fb = FLOAT_BYTES[float_dtype(q)]
         if q == quant and weights is not None:
             fmt = weights
+        elif q not in ("fp32", "fp16", "int8", "int4"):  # a preset with its own blocks and tables (int4-fast)
+            fmt = preset_weights(q, arch) or WeightFormat.uniform("int4", 128, "int4", scale_bytes=fb)
         else:
             fmt = WeightFormat.uniform(q, block_size, embed_quant if q == quant else ("int8" if q == "int4" else q),
                                        scale_bytes=fb)

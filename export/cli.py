@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--portable", action="store_true", help="standard ONNX ops only (any ONNX runtime)")
     p.add_argument("--all-logits", action="store_true", help="logits for every position, not only the last")
     p.add_argument("--stateless", action="store_true", help="Core ML: KV cache in/out (iOS 17) instead of states (iOS 18)")
-    p.add_argument("--quant", choices=["int4", "int8"], default=None, help="weight quantization")
+    p.add_argument("--quant", default=None, metavar="PRESET", help=QUANT_HELP)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--method", default=None, help="quantization method (see `edgellama quantize --help`)")
     p.add_argument("--embeddings", choices=["keep", "int8", "int4"], default=None)
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_quality(sub)
 
 
+QUANT_HELP = ("weight quantization preset: int4 (balanced default, >= llama.cpp Q4_K_M quality; alias q4_k_m), "
+              "int4-fast (onnxruntime's fastest int4 format, symmetric block 128; aliases fast, q4, q4_0), "
+              "int8 (alias q8_0); other flags override the preset's options")
 SCALE_DTYPE_HELP = ("how the int4/int8 scales are stored: float16 (default, half a bit per weight smaller on disk) "
                     "or float32 (onnxruntime then keeps no widened copy of them in memory: 1B shape -160 MB RSS, "
                     "+79 MB file)")
@@ -75,7 +78,10 @@ def quant_options(args: argparse.Namespace) -> dict | None:
 
                 raise EdgeLlamaError(f"--{flag.replace('_', '-')} needs --quant")
         return None
-    q = {"bits": 4 if args.quant == "int4" else 8}
+    from edgellama.quantize.presets import resolve
+
+    preset = resolve(args.quant)
+    q = {"preset": preset.name, "bits": preset.options["bits"]}
     for key in ("block_size", "method", "embeddings", "lm_head", "scale_dtype", "calib"):
         if getattr(args, key, None) is not None:
             q[key] = getattr(args, key)
@@ -135,6 +141,11 @@ def quant_summary(q: dict | None) -> str:
     if q.get("qk_block_size") and q["qk_block_size"] != q["block_size"]:
         block += f", q/k {q['qk_block_size']}"
     parts = [f"int{q['bits']} {q.get('method', '')} ({block})".replace("  ", " ")]
+    if q.get("preset"):
+        over = q.get("preset_overrides") or []
+        parts.insert(0, f"preset {q['preset']}" + (f" (overridden: {', '.join(over)})" if over else ""))
+    if q.get("symmetric"):
+        parts[-1] += ", symmetric"
     int8 = q.get("int8_tensors") or []
     if int8:
         kinds: dict[str, int] = {}
@@ -142,7 +153,8 @@ def quant_summary(q: dict | None) -> str:
             leaf = name.rsplit(".", 1)[-1].replace("embed_tokens", "embedding")
             kinds[leaf] = kinds.get(leaf, 0) + 1
         parts.append("int8 " + ", ".join(f"{k} x{c}" if c > 1 else k for k, c in kinds.items()))
-    parts.append(f"embeddings {q.get('embeddings')}, lm_head {q.get('lm_head')}")
+    parts.append(f"embeddings {q.get('embeddings')}, lm_head {q.get('lm_head')}"
+                 + (f" (block {q['embedding_block_size']})" if q.get("embedding_block_size") else ""))
     parts.append(f"scales {q.get('scale_dtype', 'float32')}, activations {q.get('activation', 'int8')}")
     if q.get("smoothing"):
         parts.append(f"smoothed (alpha {q['smoothing']['alpha']}, {q['smoothing']['groups']} groups)")
@@ -194,7 +206,8 @@ def register_quality(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize an exported float bundle to int4/int8 weights")
     p.add_argument("bundle", help="a float (fp32/fp16) ONNX bundle")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    p.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    p.add_argument("--quant", default=None, metavar="PRESET", help=QUANT_HELP)
+    p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="4 or 8: the int4 or int8 preset")
     p.add_argument("--block-size", type=int, default=None, help="weights per scale (power of two >= 16; default 32)")
     p.add_argument("--method", default=None, help="rtn | mse | hqq | gptq (needs --calib) | mixed (hqq, with the most "
                                                   "sensitive projections at int8; the int4 default)")
@@ -221,7 +234,15 @@ def register_quality(sub: argparse._SubParsersAction) -> None:
 def _quantize(args: argparse.Namespace) -> int:
     from edgellama.export.requantize import quantize_bundle
 
-    args.quant = f"int{args.bits}"
+    from edgellama.errors import EdgeLlamaError
+    from edgellama.quantize.presets import resolve
+
+    if args.quant is None and args.bits is None:
+        raise EdgeLlamaError("give --quant PRESET (int4, int4-fast, int8) or --bits 4|8")
+    if args.quant is not None and args.bits is not None and resolve(args.quant).options["bits"] != args.bits:
+        raise EdgeLlamaError(f"--quant {resolve(args.quant).name} is {resolve(args.quant).options['bits']}-bit: "
+                             f"it cannot take --bits {args.bits}")
+    args.quant = args.quant or f"int{args.bits}"
     quant = quant_options(args)
     calib = quant.pop("calib", None)
     if args.accuracy_level is not None:

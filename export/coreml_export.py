@@ -86,6 +86,10 @@ def quant_plan(quant: dict[str, Any] | None, stateful: bool) -> dict[str, Any] |
     (docs/ios.md)."""
     if not quant:
         return None
+    quant = dict(quant)
+    preset = quant.pop("preset", None)
+    if preset not in (None, "int4", "int8"):
+        raise EdgeLlamaError(f"--quant {preset} is an onnxruntime format (MatMulNBits): Core ML takes --quant int4 or int8")
     ours = quant.get("bits") == 4 and quant.get("method") in (None, "mixed")
     allowed = ("bits", "block_size", "method", "calib", "smooth") if ours else ("bits", "block_size")
     unsupported = sorted(k for k, v in quant.items()

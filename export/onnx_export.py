@@ -285,6 +285,8 @@ def devices_hint(architecture: dict[str, Any], dtype: str, quantization: dict[st
     weights = WeightFormat.from_record(quantization, dtype) if quantization else None
     if quantization:
         quant, block = f"int{quantization['bits']}", int(quantization["block_size"])
+        if quantization.get("preset") == "int4-fast":  # a planner quant of its own (priced by `weights`)
+            quant = "int4-fast"
         embed = quantization.get("embeddings", "keep")
         embed_quant = dtype if embed == "keep" else embed
     else:

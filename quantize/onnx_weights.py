@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from edgellama.errors import EdgeLlamaError
 from edgellama.quantize.methods import METHODS, quantize
 from edgellama.quantize.numerics import QuantizedTensor
+from edgellama.quantize.presets import resolve as resolve_preset
 from edgellama.quantize.packing import (dequantize_linear, gather_block_quantized, matmul_nbits,
                                         onnx_raw_data)
 
@@ -42,6 +43,9 @@ class QuantOptions:
     # The embedding table's own block size (None: block_size). A Gather reads no activations, so
     # only a tied lm_head's int8 activation blocks care; docs/quantization.md has the trade.
     embedding_block_size: int | None = None
+    # The tables' (embedding, lm_head) symmetry; None: as `symmetric`. The fast preset's linears are
+    # symmetric for MatMulNBits' fast path, its table keeps zero points (docs/quantization.md, Presets).
+    table_symmetric: bool | None = None
     method: str = "hqq"  # rtn | mse | hqq: how each block's scale and zero point are fitted
     mixed: bool = True  # keep the most sensitive projections at 8 bits, as Q4_K_M does
     gptq: bool = False  # GPTQ error compensation over calibration inputs (needs text: --calib)
@@ -54,10 +58,20 @@ class QuantOptions:
     # scales reach it through a Cast that onnxruntime folds at session load: half a bit per
     # weight less on disk at block 32 (int4 5.125 -> 4.625), nothing at run time.
     scale_dtype: str = "float16"
+    preset: str | None = None  # the --quant preset these options came from (quantize/presets.py)
+    preset_overrides: tuple[str, ...] = ()  # options given explicitly that differ from the preset's
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantOptions":
         d = dict(d)
+        preset, overrides = d.pop("preset", None), ()
+        if preset is not None:
+            p = resolve_preset(preset)
+            preset = p.name
+            overrides = tuple(sorted(k for k, v in d.items() if k not in p.options or p.options[k] != v))
+            if "bits" in overrides:  # every preset names its bits
+                raise EdgeLlamaError(f"--quant {p.name} is {p.options['bits']}-bit: it cannot take --bits {d['bits']}")
+            d = {**p.options, **d}
         bits = d.pop("bits", 4)
         if bits not in (4, 8):
             raise EdgeLlamaError(f"--bits must be 4 or 8, got {bits}")
@@ -76,9 +90,10 @@ class QuantOptions:
                    embedding_block_size=d.pop("embedding_block_size", None),
                    embeddings=d.pop("embeddings", None) or ("int8" if bits == 8 else default_head),
                    lm_head=d.pop("lm_head", None) or ("int8" if bits == 8 else default_head),
-                   symmetric=d.pop("symmetric", None),
+                   symmetric=d.pop("symmetric", None), table_symmetric=d.pop("table_symmetric", None),
                    accuracy_level=d.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL),
-                   scale_dtype=d.pop("scale_dtype", None) or "float16")
+                   scale_dtype=d.pop("scale_dtype", None) or "float16",
+                   preset=preset, preset_overrides=overrides)
         if d:
             raise EdgeLlamaError(f"unknown quantization option(s): {', '.join(sorted(d))}")
         for bs in (opts.block_size, opts.embedding_block_size or 16):
@@ -159,6 +174,8 @@ class QuantizedWeights:
     def block_for(self, name: str, bits: int) -> int:
         """Block size of one tensor: an int4 bundle's int8 tensors keep blocks of at least INT8_BLOCK,
         which cost half as much per weight at 8 bits and serve the int8 activation blocks well."""
+        if name == "lm_head" and self.opts.embedding_block_size:  # an untied head is a table too
+            return self.opts.embedding_block_size
         if self.opts.bits == 4 and bits == 8:
             return max(self.opts.block_size, INT8_BLOCK)
         if self.opts.mixed and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "q_proj_k_proj"):
@@ -174,8 +191,10 @@ class QuantizedWeights:
         return self.opts.embedding_block_size or self.block_for("model.embed_tokens", self.table_bits("model.embed_tokens"))
 
     def _quantize(self, w: np.ndarray, bits: int, act_scale: np.ndarray | None = None,
-                  name: str | None = None, block_size: int | None = None) -> QuantizedTensor:
+                  name: str | None = None, block_size: int | None = None, table: bool = False) -> QuantizedTensor:
         sym = self.opts.symmetric if self.opts.symmetric is not None else (bits == 8)
+        if table and self.opts.table_symmetric is not None:
+            sym = self.opts.table_symmetric
         # The int8 tensors of a mixed bundle round to nearest: 256 levels leave a search little to
         # find, and on Llama 3.2 1B's 262M-weight embedding the search is most of the export time.
         method = "rtn" if (self.opts.mixed and bits == 8) else self.opts.method
@@ -191,9 +210,10 @@ class QuantizedWeights:
         if name in ("model.embed_tokens", "lm_head"):
             bits = self.table_bits(name)
             if name == "lm_head" and not self.cfg.tie_word_embeddings:
-                qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits))
+                qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits),
+                                    table=True)
             else:
-                qt = self._quantize(w, bits, block_size=self.embedding_block)
+                qt = self._quantize(w, bits, block_size=self.embedding_block, table=True)
         else:
             bits = self.bits_for(name)
             qt = self._quantize(w, bits, self.act_scales.get(name), name, self.block_for(name, bits))
@@ -266,7 +286,7 @@ class QuantizedWeights:
         if o.embeddings == "keep":
             return self.fallback.embedding(g, ids, w, tied)
         bits = self.table_bits("model.embed_tokens")
-        qt = self._quantize(w, bits, block_size=self.embedding_block)
+        qt = self._quantize(w, bits, block_size=self.embedding_block, table=True)
         self.tensor_bits["model.embed_tokens"] = bits
         H = self.cfg.hidden_size
         name = "model.embed_tokens"
@@ -320,7 +340,8 @@ class QuantizedWeights:
             return g.node("MatMulNBits", inputs, name="lm_head/MatMulNBits", domain=MS_DOMAIN,
                           accuracy_level=o.accuracy_level, **attrs)
         bits = self.table_bits("lm_head")
-        qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits))
+        qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits),
+                                    table=True)
         self.tensor_bits["lm_head"] = bits
         if self.fast:
             return self._matmul_nbits(g, x, "lm_head", qt)

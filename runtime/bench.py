@@ -129,6 +129,8 @@ def quant_label(manifest: B.Manifest) -> str:
     if not q:
         return manifest.dtype
     label = f"int{q.get('bits', '?')}"
+    if q.get("preset") and not q.get("preset_overrides"):
+        label = q["preset"]
     if q.get("bits") == 4:
         label += f" b{q.get('block_size')}"
     if q.get("embeddings") not in (None, "keep"):
@@ -147,13 +149,15 @@ def graph_bytes(bundle_dir: Path, manifest: B.Manifest) -> int:
 
 
 def _plan_quant(manifest: B.Manifest) -> tuple[str, str, int]:
-    """(quant, embed_quant, block_size) of a bundle in devices.plan's terms."""
+    """(quant, embed_quant, the tables' block size) of a bundle in devices.plan's terms; plan() takes the
+    exact per-tensor format from the quantization record (WeightFormat.from_record)."""
     q = manifest.quantization
     if not q:
         return manifest.dtype, manifest.dtype, 32
     quant = f"int{q['bits']}"
     emb = q.get("embeddings") or quant
-    return quant, manifest.dtype if emb == "keep" else emb, int(q.get("block_size") or 32)
+    block = int(q.get("embedding_block_size") or q.get("block_size") or 32)
+    return quant, manifest.dtype if emb == "keep" else emb, block
 
 
 def read_bytes_per_token(bundle_dir: Path, manifest: B.Manifest, mean_position: int) -> tuple[int, str]:
