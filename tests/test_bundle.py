@@ -58,7 +58,10 @@ def test_io_signature_matches_the_graph(exported, form):
     b = exported("gqa4", form)
     g, spec = b.manifest.graph, b.model.spec
     inputs, outputs = onnx_signature(b.dir / g.file)
-    assert [[s.name, s.dtype, s.shape] for s in g.inputs] == inputs
+    # Plus, in a last-logits graph, the optional logits_to_keep (an initializer with a default of 1,
+    # so not among the inputs every run must feed): speculative decoding's verification.
+    optional = [["logits_to_keep", "int64", [1]]] if g.logits == "last" else []
+    assert [[s.name, s.dtype, s.shape] for s in g.inputs] + optional == inputs
     assert [[s.name, s.dtype, s.shape] for s in g.outputs] == outputs
 
     names = [s.name for s in g.inputs]
