@@ -264,7 +264,7 @@ def stream_ids(model: Model, prompt_ids: list[int], params: SamplingParams | Non
     history = history if history is not None else []
     with closing(_generate_ids(model, list(prompt_ids), params, history, speculation, constraint)) as steps:
         for token, stats, finish in steps:
-            is_stop_id = finish == "stop"
+            is_stop_id = token in model.stop_ids  # a finished grammar ends on a real token: keep its text
             delta = "" if is_stop_id else decoder.add(token)
             if finish and not is_stop_id:
                 delta += decoder.flush()
