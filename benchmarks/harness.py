@@ -277,12 +277,9 @@ class Row:
 
 def agreement(a: list[int], b: list[int]) -> int:
     """Leading generated tokens two systems agree on: a sanity check of the conversions, not a quality score."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    from edgellama.runtime.generate import common_prefix
+
+    return common_prefix(a, b)
 
 
 # -- planner calibration -----------------------------------------------------------------------------
