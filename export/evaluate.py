@@ -27,7 +27,7 @@ from typing import Any, Iterator, TextIO
 import numpy as np
 
 from edgellama.errors import EdgeLlamaError
-from edgellama.export.onnx_graph import LAST_TOKEN_SLICES
+from edgellama.export.onnx_graph import LAST_TOKEN_SLICES, PAD_ROW_COUNT
 from edgellama.runtime import bundle as B
 
 # Bundles before stop 15 sliced after the last layer ("/model/LastToken/x" and the residual)
@@ -127,6 +127,7 @@ def all_logits_bundle(bundle_dir: Path, manifest: B.Manifest) -> Iterator[tuple[
         yield bundle_dir, manifest
         return
     import onnx
+    from onnx import numpy_helper
 
     model = onnx.load(str(bundle_dir / manifest.graph.file), load_external_data=False)
     g = model.graph
@@ -135,6 +136,8 @@ def all_logits_bundle(bundle_dir: Path, manifest: B.Manifest) -> Iterator[tuple[
     for node in g.node:
         if node.name in _SLICES:
             bypass[node.output[0]] = node.input[0]
+        elif node.name == PAD_ROW_COUNT:  # no padding row: every row is a position to score
+            g.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), node.output[0]))
         else:
             keep.append(node)
     if len(bypass) != len(LAST_TOKEN_SLICES):

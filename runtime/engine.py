@@ -208,7 +208,9 @@ class OnnxEngine:
             # Allocated and bound once, for the whole context: these buffers are past and present
             # for the engine's lifetime, and reset/rewind only move `pos` (the attention mask hides
             # whatever stale entries lie beyond it).
-            self._kv = [self._zeros(ctx) for _ in range(2 * self.n_layers)]
+            # One slot more than the context: a fast graph writes a padding row past the last token
+            # (export/onnx_graph._pad_row), and would drop it for want of room at a full context.
+            self._kv = [self._zeros(ctx + 1) for _ in range(2 * self.n_layers)]
             for i in range(self.n_layers):
                 for j, kind in enumerate(("key", "value")):
                     self._io.bind_ortvalue_input(B.past_name(i, kind), self._kv[2 * i + j])

@@ -266,16 +266,18 @@ def test_fast_graph_updates_one_cache_in_place(exported):
     m = load(exported("gqa4").dir, threads=1)  # a fresh engine: its buffers hold nothing yet
     engine = m.engine
     assert engine.share and len(engine._kv) == 2 * engine.n_layers
-    assert all(tuple(v.shape()) == (1, engine.kv_heads, m.context, engine.head_dim) for v in engine._kv)
+    # one slot past the context: the padding row's (export/onnx_graph._pad_row)
+    assert all(tuple(v.shape()) == (1, engine.kv_heads, m.context + 1, engine.head_dim) for v in engine._kv)
     buffers = list(engine._kv)
     ptrs = [v.data_ptr() for v in buffers]
     for _ in range(2):  # a second generation (engine reset) keeps the same buffers
         for e in stream_generate(m, PROMPT, max_new_tokens=10):
             assert [v.data_ptr() for v in engine._kv] == ptrs
             assert all(a is b for a, b in zip(engine._kv, buffers))
-    # The steps really wrote into those buffers: every fed position holds keys, the rest is untouched.
+    # The steps really wrote into those buffers: every fed position holds keys, and so does the slot
+    # after them (the last run's padding row, overwritten by the next run); the rest is untouched.
     keys = buffers[0].numpy()
-    assert np.abs(keys[0, :, :engine.pos]).min(axis=-1).max() > 0 and not keys[0, :, engine.pos:].any()
+    assert np.abs(keys[0, :, :engine.pos + 1]).min(axis=-1).max() > 0 and not keys[0, :, engine.pos + 1:].any()
 
 
 def test_portable_graph_chains_presents_into_pasts(models, monkeypatch):

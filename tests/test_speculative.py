@@ -18,7 +18,7 @@ from edgellama.errors import EdgeLlamaError
 from edgellama.runtime.generate import ChatSession, generate, load, stream_ids
 from edgellama.runtime.sampling import Sampler, SamplingParams
 from edgellama.runtime.speculative import PromptLookup, Speculation, accept
-from helpers import run_cli
+from helpers import random_ids, run_cli
 
 FORMS = ["fast", "portable"]
 PROMPT = "Copy this: the red fox ran past the old mill, and the red fox ran past the old barn."
@@ -57,6 +57,45 @@ def test_verification_logits_equal_step_by_step_logits(models, form):
     # the default stays one position: a plain step after a verification run is unaffected
     m.engine.rewind(len(ids) - 1)
     np.testing.assert_allclose(m.engine.forward(ids[-1:]), steps[-1], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def int4_fast(tiny_llama, tmp_path_factory):
+    """gqa4 in the fast form, int4: MatMulNBits with int8 activations (accuracy_level 4), where an
+    ulp of difference between one-row and several-row kernels becomes a different rounding step."""
+    from edgellama.export.onnx_export import ExportOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("spec-int4") / "bundle"
+    export_onnx(tiny_llama("gqa4").folder, out, ExportOptions(form="fast", max_context=256, quant={"bits": 4}),
+                log=lambda _: None)
+    return load(out, threads=2)
+
+
+def test_quantized_verification_rows_are_bitwise_the_decode_steps(int4_fast):
+    # Exactness on quantized bundles rests on this: every run is a several-row run (the padding row,
+    # export/onnx_graph._pad_row), so a verified row is the very number a decode step computes.
+    m = int4_fast
+    ids = m.encode_prompt(PROMPT)
+    m.engine.reset()
+    m.engine.forward(ids[:-6])
+    rows = m.engine.forward(ids[-6:], last=6)
+    m.engine.rewind(len(ids) - 6)
+    steps = np.stack([m.engine.forward([t]) for t in ids[-6:]])
+    np.testing.assert_array_equal(rows, steps)
+    # the padding row never reaches the caller, even at the last position of the context (its row
+    # goes to the engine's one spare cache slot)
+    m.engine.reset()
+    m.engine.forward(random_ids(m.engine.context - 1))
+    assert m.engine.forward([ids[0]]).shape == (m.engine.vocab_size,) and m.engine.pos == m.engine.context
+
+
+def test_quantized_lookup_greedy_is_plain_greedy(int4_fast):
+    m = int4_fast
+    ids = m.encode_prompt(PROMPT)
+    params = SamplingParams(max_new_tokens=60)
+    plain, _, plain_pos = run(m, ids, params)
+    spec, last, pos = run(m, ids, params, speculate="lookup", draft_tokens=4)
+    assert spec == plain and pos == plain_pos and last.stats.accepted_tokens > 0
 
 
 @pytest.mark.parametrize("form", FORMS)
