@@ -19,6 +19,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VENV = HERE / "work" / "venv-llamacpp"
 PACKAGE = "llama-cpp-python==0.3.36"
+# Every x86 vector extension this class of machine has, named one by one instead of GGML_NATIVE:
+# these VMs report AMX in cpuinfo, and -march=native's AMX tile path segfaults in llama_decode here
+# (ggml_backend_amx repacks the weights, then the first decode crashes), so AMX stays off.
+CMAKE_ARGS = " ".join(f"-DGGML_{flag}={'ON' if on else 'OFF'}" for flag, on in (
+    ("NATIVE", False), ("AVX", True), ("AVX2", True), ("FMA", True), ("F16C", True), ("BMI2", True),
+    ("AVX_VNNI", True), ("AVX512", True), ("AVX512_VBMI", True), ("AVX512_VNNI", True), ("AVX512_BF16", True),
+    ("AMX_TILE", False), ("AMX_INT8", False), ("AMX_BF16", False)))
 FTYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values (llama.h)
 
 
@@ -33,9 +40,11 @@ def ensure_venv(log=print) -> Path:
         return py
     log(f"building {PACKAGE} into {VENV} (compiles llama.cpp: several minutes)")
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     with open(HERE / "work" / "llamacpp-build.log", "w") as f:
-        subprocess.run([str(py), "-m", "pip", "install", PACKAGE], check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # --no-cache-dir: a wheel cached from another flag set would be reused silently
+        subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", PACKAGE], check=True, env=env, stdout=f,
+                       stderr=subprocess.STDOUT)
     return py
 
 

@@ -83,16 +83,23 @@ def smollm2_hf(out: Path) -> Path:
     return out
 
 
-def shape_1b_hf(out: Path) -> Path:
-    from make_1b_shape import make_1b_shape
+def shape_hf(which: str) -> Callable[[Path], Path]:
+    def make(out: Path) -> Path:
+        from make_shape import make_shape
 
-    return make_1b_shape(out, log=log)
+        return make_shape(which, out, log=log)
+    return make
 
 
 WORKLOADS = {
     "smollm2": Workload("smollm2", "SmolLM2-135M-Instruct", "smollm", WORK / "smollm2-135m-instruct-hf", smollm2_hf),
-    "1b": Workload("1b", "Llama-3.2-1B shape (random weights)", "llama-bpe", WORK / "llama-3.2-1b-shape", shape_1b_hf),
+    "1b": Workload("1b", "Llama-3.2-1B shape (random weights)", "llama-bpe", WORK / "llama-3.2-1b-shape", shape_hf("1b")),
+    # The laptop sizes: not in the default run (the 8B's checkpoint is 16 GB; onnxruntime-genai's
+    # builder needs more memory than this machine has for it): name them with --workloads.
+    "3b": Workload("3b", "Llama-3.2-3B shape (random weights)", "llama-bpe", WORK / "llama-3.2-3b-shape", shape_hf("3b")),
+    "8b": Workload("8b", "Llama-3.1-8B shape (random weights)", "llama-bpe", WORK / "llama-3.1-8b-shape", shape_hf("8b")),
 }
+DEFAULT_WORKLOADS = "smollm2,1b"
 
 
 # -- systems: how each builds its artifact from the HF folder, and the command that measures it --------
@@ -115,8 +122,13 @@ class Config:
 
 def _run_logged(cmd: list[str], logfile: Path, **kw) -> None:
     log("$ " + " ".join(map(str, cmd)))
+    t0 = time.perf_counter()
     with open(logfile, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS: what a build costs
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    with open(logfile, "a") as f:
+        f.write(f"harness: {time.perf_counter() - t0:.1f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MB\n")
     if proc.returncode != 0:
         tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"harness: failed ({proc.returncode}): {' '.join(map(str, cmd))}\n  " + "\n  ".join(tail))
@@ -506,7 +518,8 @@ def write_results(tables: dict[str, list[Row]], cfg: Config, recipes: dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
+                    help=f"comma-separated: {', '.join(WORKLOADS)} (default {DEFAULT_WORKLOADS})")
     ap.add_argument("--systems", default=None, help="comma-separated substrings of system names (edgellama always runs)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
