@@ -276,7 +276,8 @@ def build_llama_graph(
                        name="/model/mask/TotalLen", axis=0)
         # One position more than the context: the padding row's (_pad_row).
         cos_cache, sin_cache = _rope_tables(g, cfg, opts.max_context + 1, full=False)
-        x, seqlens, total = _pad_row(g, x, seqlens, total, opts.max_context + 1)
+        pads, seqlens, total = _pad_row(g, seqlens, total, opts.max_context + 1)
+        rows = g.node("Shape", [B.INPUT_IDS], name="/model/PadRow/Rows", start=1, end=2)
         total = g.node("Cast", [total], name="/model/mask/TotalLenInt32", to=TensorProto.INT32)
     else:
         cos_full, sin_full = _rope_tables(g, cfg, opts.max_context, full=True)
@@ -309,11 +310,14 @@ def build_llama_graph(
         past_k, past_v = B.past_name(i, "key"), B.past_name(i, "value")
         pres_k, pres_v = B.present_name(i, "key"), B.present_name(i, "value")
         if gqa:
+            q, k, v = (t and g.node("Pad", [t, pads], name=f"{n}/attn/PadRow{c}", mode="edge")
+                       for t, c in zip((q, k, v), "QKV"))
             attn, _, _ = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos_cache, sin_cache],
                                 name=f"{n}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN,
                                 num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
                                 scale=float(hd ** -0.5), local_window_size=-1)
             g.nodes[-1].output[1], g.nodes[-1].output[2] = pres_k, pres_v
+            attn = g.node("Slice", [attn, g.const([0]), rows, g.const([1])], name=f"{n}/attn/DropPadRow")
         else:
             attn = _standard_attention(g, n, q, k, v, cos, sin, mask, past_k, past_v, pres_k, pres_v)
         if opts.logits == "last" and i == cfg.num_hidden_layers - 1:
@@ -321,10 +325,8 @@ def build_llama_graph(
             # o_proj and MLP run on one row by default (1B shape: 5% of a 128-token prefill's matmul work).
             g.init(B.LOGITS_TO_KEEP, np.array([1], dtype=np.int64))
             keep_input = helper.make_tensor_value_info(B.LOGITS_TO_KEEP, TensorProto.INT64, [1])
-            # Rows [n - keep, n) of the n input tokens: a padding row after them (_pad_row) drops out here.
-            end = g.node("Shape", [B.INPUT_IDS], name="/model/LastToken/End", start=1, end=2)
-            start = g.node("Sub", [end, B.LOGITS_TO_KEEP], name="/model/LastToken/Start")
-            attn, residual = (g.node("Slice", [t, start, end, g.const([1])],
+            start = g.node("Neg", [B.LOGITS_TO_KEEP], name="/model/LastToken/Start")
+            attn, residual = (g.node("Slice", [t, start, g.const([np.iinfo(np.int64).max]), g.const([1])],
                                      name=slice_name) for t, slice_name in zip((attn, residual), LAST_TOKEN_SLICES))
         x = g.linear(attn, f"{p}.self_attn.o_proj", get(f"{p}.self_attn.o_proj.weight"))
         h, residual = g.add_norm(x, residual, get(f"{p}.post_attention_layernorm.weight"),
@@ -349,9 +351,6 @@ def build_llama_graph(
 
     inputs += getattr(g.emitter, "extra_inputs", [])  # e.g. LoRA slots: inputs an emitter added while building
     h, _ = g.add_norm(x, residual, get("model.norm.weight"), "model.norm")
-    if gqa and opts.logits == "all":  # every row but the padding one
-        h = g.node("Slice", [h, g.const([0]), g.node("Shape", [B.INPUT_IDS], name="/model/PadRow/Rows", start=1, end=2),
-                             g.const([1])], name="/model/PadRow/Drop")
     logits = g.emitter.lm_head(g, h, None if tied else get("lm_head.weight"), tied)
     g.nodes.append(helper.make_node("Identity", [logits], [B.LOGITS], name="/lm_head/Output"))
 
@@ -366,32 +365,33 @@ def build_llama_graph(
     return GraphResult(model, inputs, outputs, "gqa" if gqa else "mha", share)
 
 
-def _pad_row(g: GraphBuilder, x: str, seqlens: str, total: str, positions: int) -> tuple[str, str, str]:
-    """Append a copy of the last row to every run, when the cache has a slot for it.
+def _pad_row(g: GraphBuilder, seqlens: str, total: str, positions: int) -> tuple[str, str, str]:
+    """Give every attention run a copy of its last row, when the cache has a slot for it.
 
     Speculative decoding verifies K drafted tokens in one run and promises plain greedy's tokens.
     But onnxruntime's attention takes other kernels for a one-row run than for a several-row run
     (MLAS's one-row GEMM), whose sums round differently (1e-6), and MatMulNBits' int8 activations
     (accuracy_level 4) turn such an ulp into a different rounding step: 0.3-0.8 logit differences
-    on SmolLM2 int4, enough to change greedy tokens. A row's numbers are the same in any run of two
-    or more rows (every op here is row-wise but attention, whose rows are M-invariant for M >= 2),
-    so every run is made a several-row run: the copy is computed and thrown away (its cache entry
-    lies past the last token and is overwritten by the next run). A decode step reads the weights
-    once either way; the cost is one more row of arithmetic (benchmarks/speculative.py).
+    on SmolLM2 int4, enough to change greedy tokens. GroupQueryAttention's rows are the same in any
+    run of two or more rows, so each attention gets one more query/key/value row (Pad, mode edge)
+    and its output drops it again (Slice): the copy's cache entry lies past the last token and is
+    overwritten by the next run. Measured cost: ~2% of decode (SmolLM2 and the 1B shape, int4).
+    Only attention is padded: MatMulNBits rows are bitwise M-invariant at blocks 16 and 32 (the
+    default int4 and int8 presets); padding the whole network cost 16% / 10% of decode, for
+    int4-fast's block-128 linears, whose one-row kernel differs by 1e-6.
     The count is 0 when the cache (or the RoPE table) has no slot left, e.g. onnxruntime-genai's
     buffer at max_length: a run is then plain, and never writes out of bounds.
-    Returns the padded activations, seqlens_k and total length (int64 scalar)."""
+    Returns the Pad amounts for a [batch, seq, hidden] tensor, seqlens_k and total length (int64 scalar)."""
     slots = g.node("Gather", [g.node("Shape", [B.past_name(0, "key")], name="/model/PadRow/CacheShape"), g.const(2)],
                    name="/model/PadRow/CacheSlots", axis=0)
     slots = g.node("Min", [slots, g.const(positions)], name="/model/PadRow/Slots")
     count = g.node("Min", [g.node("Sub", [slots, total], name="/model/PadRow/Room"), g.const(1)], name=PAD_ROW_COUNT)
     pads = g.node("Concat", [g.const([0, 0, 0, 0]), g.node("Unsqueeze", [count, g.const([0])], name="/model/PadRow/Count1"),
                              g.const([0])], name="/model/PadRow/Pads", axis=0)
-    x = g.node("Pad", [x, pads], name="/model/PadRow/Pad", mode="edge")
     seqlens = g.node("Add", [seqlens, g.node("Cast", [count], name="/model/PadRow/CountInt32", to=TensorProto.INT32)],
                      name="/model/PadRow/SeqlensK")
     total = g.node("Add", [total, count], name="/model/PadRow/TotalLen")
-    return x, seqlens, total
+    return pads, seqlens, total
 
 
 def _causal_mask(g: GraphBuilder) -> str:
