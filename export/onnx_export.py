@@ -56,6 +56,9 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
 
 
+EXACT_BLOCK = 32  # the largest MatMulNBits block whose one-row and several-row kernels agree bitwise
+
+
 def _estimate_bytes(cfg: LlamaConfig, dtype: str) -> int:
     return cfg.param_count() * (2 if dtype == "fp16" else 4)
 
@@ -188,7 +191,11 @@ def export_onnx(
         from edgellama.export.lora_slots import LoraSlots
 
         graph_emitter = LoraSlots(emitter or FloatWeights(), opts.lora_slots, slot_targets, opts.form)
-    gopts = GraphOptions(form=opts.form, dtype=opts.dtype, max_context=ctx, logits=opts.logits)
+    # Exact verification needs linears whose rows do not depend on the run's row count: MatMulNBits'
+    # are bitwise M-invariant up to block 32; int4-fast's block 128 is not, so its padding would
+    # cost decode speed for nothing.
+    exact_linears = emitter is None or emitter.opts.block_size <= EXACT_BLOCK
+    gopts = GraphOptions(form=opts.form, dtype=opts.dtype, max_context=ctx, logits=opts.logits, pad_row=exact_linears)
     with atomic_dir(out, force=opts.force) as tmp:
         external = _estimate_bytes(cfg, opts.dtype) > INLINE_LIMIT
         sink = WeightSink(tmp / B.ONNX_DATA if external else None)

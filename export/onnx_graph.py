@@ -49,6 +49,9 @@ class GraphOptions:
     logits: str = "last"  # "last" | "all"
     pack_qkv: bool = True
     pack_gate_up: bool = True
+    # One padding row per attention run, for bitwise-exact speculative verification (_pad_row).
+    # Off where it buys nothing: linears whose one-row kernel rounds differently anyway (block 128).
+    pad_row: bool = True
 
     @property
     def use_gqa(self) -> bool:
@@ -276,8 +279,10 @@ def build_llama_graph(
                        name="/model/mask/TotalLen", axis=0)
         # One position more than the context: the padding row's (_pad_row).
         cos_cache, sin_cache = _rope_tables(g, cfg, opts.max_context + 1, full=False)
-        pads, seqlens, total = _pad_row(g, seqlens, total, opts.max_context + 1)
-        rows = g.node("Shape", [B.INPUT_IDS], name="/model/PadRow/Rows", start=1, end=2)
+        pads = None
+        if opts.pad_row:
+            pads, seqlens, total = _pad_row(g, seqlens, total, opts.max_context + 1)
+            rows = g.node("Shape", [B.INPUT_IDS], name="/model/PadRow/Rows", start=1, end=2)
         total = g.node("Cast", [total], name="/model/mask/TotalLenInt32", to=TensorProto.INT32)
     else:
         cos_full, sin_full = _rope_tables(g, cfg, opts.max_context, full=True)
@@ -310,14 +315,16 @@ def build_llama_graph(
         past_k, past_v = B.past_name(i, "key"), B.past_name(i, "value")
         pres_k, pres_v = B.present_name(i, "key"), B.present_name(i, "value")
         if gqa:
-            q, k, v = (t and g.node("Pad", [t, pads], name=f"{n}/attn/PadRow{c}", mode="edge")
-                       for t, c in zip((q, k, v), "QKV"))
+            if pads:
+                q, k, v = (t and g.node("Pad", [t, pads], name=f"{n}/attn/PadRow{c}", mode="edge")
+                           for t, c in zip((q, k, v), "QKV"))
             attn, _, _ = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos_cache, sin_cache],
                                 name=f"{n}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN,
                                 num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
                                 scale=float(hd ** -0.5), local_window_size=-1)
             g.nodes[-1].output[1], g.nodes[-1].output[2] = pres_k, pres_v
-            attn = g.node("Slice", [attn, g.const([0]), rows, g.const([1])], name=f"{n}/attn/DropPadRow")
+            if pads:
+                attn = g.node("Slice", [attn, g.const([0]), rows, g.const([1])], name=f"{n}/attn/DropPadRow")
         else:
             attn = _standard_attention(g, n, q, k, v, cos, sin, mask, past_k, past_v, pres_k, pres_v)
         if opts.logits == "last" and i == cfg.num_hidden_layers - 1:
@@ -375,7 +382,7 @@ def _pad_row(g: GraphBuilder, seqlens: str, total: str, positions: int) -> tuple
     on SmolLM2 int4, enough to change greedy tokens. GroupQueryAttention's rows are the same in any
     run of two or more rows, so each attention gets one more query/key/value row (Pad, mode edge)
     and its output drops it again (Slice): the copy's cache entry lies past the last token and is
-    overwritten by the next run. Measured cost: ~2% of decode (SmolLM2 and the 1B shape, int4).
+    overwritten by the next run. Cost: 2-8% of decode (benchmarks/experiments/pad_row_cost.py).
     Only attention is padded: MatMulNBits rows are bitwise M-invariant at blocks 16 and 32 (the
     default int4 and int8 presets); padding the whole network cost 16% / 10% of decode, for
     int4-fast's block-128 linears, whose one-row kernel differs by 1e-6.

@@ -117,7 +117,7 @@ def test_run_greedy_matches_transformers_on_smollm2(tmp_path_factory, smollm2_re
 def test_default_context_is_4096_under_a_larger_bundle(tmp_path_factory):
     m = load(smollm2_bundle(tmp_path_factory, "fast"))
     assert m.manifest.context_length == 8192 and m.context == 4096
-    assert {tuple(v.shape()) for v in m.engine._kv} == {(1, 3, 4096, 64)}
+    assert {tuple(v.shape()) for v in m.engine._kv} == {(1, 3, 4096 + 1, 64)}  # + the padding row's slot
 
 
 # --- output streams ----------------------------------------------------------------------------
