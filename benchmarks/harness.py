@@ -120,15 +120,33 @@ class Config:
     repeat: int = 3
 
 
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def _run_logged(cmd: list[str], logfile: Path, **kw) -> None:
     log("$ " + " ".join(map(str, cmd)))
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS: what a build costs
+        hwm_kb = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm_kb = max(hwm_kb, _vm_hwm_kb(proc.pid))
+            time.sleep(0.25)
         proc.returncode = os.waitstatus_to_exitcode(status)
+    # wait4's ru_maxrss starts from this process's own RSS when it forked (Linux carries the parent's high-water
+    # mark through fork and exec): after an in-process GGUF write it says GB for a build that took MB. The child's
+    # VmHWM, polled, is its own peak; ru_maxrss stays the fallback for a child too short to be seen.
+    peak_mb = (hwm_kb or usage.ru_maxrss) / 1024
     with open(logfile, "a") as f:
-        f.write(f"harness: {time.perf_counter() - t0:.1f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MB\n")
+        f.write(f"harness: {time.perf_counter() - t0:.1f} s, peak RSS {peak_mb:.0f} MB\n")
     if proc.returncode != 0:
         tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"harness: failed ({proc.returncode}): {' '.join(map(str, cmd))}\n  " + "\n  ".join(tail))
