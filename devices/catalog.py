@@ -172,9 +172,14 @@ def load_catalog() -> dict[str, DeviceProfile]:
         host = profile_from_dict(_read_json(path), str(path))
         if host.name != HOST:
             raise EdgeLlamaError(f"device profile {host.name!r} in {path}: field 'name' must be {HOST!r}")
-        if host.sources.get("layer_cost_us") == "not given: 0":  # a file from before the field: the default
-            host = replace(host, layer_cost_us=catalog[HOST].layer_cost_us,
-                           sources={**host.sources, "layer_cost_us": catalog[HOST].sources["layer_cost_us"]})
+        # A stored speed constant that nobody calibrated on this machine (an estimate the probe carried over, or a
+        # file from before the field) follows the built-in one, so a better shipped fit reaches existing caches.
+        builtin = catalog[HOST]
+        for field in ("efficiency", "layer_cost_us"):
+            source = host.sources.get(field, "")
+            if source == "not given: 0" or source.startswith("estimate"):
+                host = replace(host, **{field: getattr(builtin, field)},
+                               sources={**host.sources, field: builtin.sources[field]})
     catalog[HOST] = live_host(host)
     return catalog
 

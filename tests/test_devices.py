@@ -95,7 +95,8 @@ def test_host_reads_memory_from_the_os_and_speed_from_its_file(host_file):
     assert (placeholder.total_ram_bytes, placeholder.cores) == (total_ram_bytes(), physical_cores())  # not 8 GiB / 2
     assert placeholder.sources["memory_bandwidth_gbs"].startswith("placeholder")
     measured = dataclasses.replace(placeholder, total_ram_bytes=64 * GiB, memory_bandwidth_gbs=33.3, layer_cost_us=12.5,
-                                   sources={**placeholder.sources, "memory_bandwidth_gbs": "measured: test"})
+                                   sources={**placeholder.sources, "memory_bandwidth_gbs": "measured: test",
+                                            "layer_cost_us": "fitted by a test"})
     host_file.write_text(json.dumps(measured.to_dict()))
     got = get_profile("host")
     assert (got.memory_bandwidth_gbs, got.layer_cost_us) == (33.3, 12.5)
@@ -107,6 +108,18 @@ def test_host_reads_memory_from_the_os_and_speed_from_its_file(host_file):
     del old["layer_cost_us"], old["sources"]["layer_cost_us"]
     host_file.write_text(json.dumps(old))
     assert get_profile("host").layer_cost_us == builtin_profiles()["host"].layer_cost_us > 0
+
+    # Uncalibrated figures (estimates a probe carried over) follow the built-in profile, calibrated ones stay.
+    stale = dataclasses.replace(measured, efficiency=0.123, layer_cost_us=45.6,
+                                sources={**measured.sources, "layer_cost_us": "estimate: an older default"})
+    host_file.write_text(json.dumps(stale.to_dict()))
+    builtin = builtin_profiles()["host"]
+    got = get_profile("host")
+    assert (got.efficiency, got.layer_cost_us) == (builtin.efficiency, builtin.layer_cost_us) != (0.123, 45.6)
+    calibrated = dataclasses.replace(stale, sources={**stale.sources, "efficiency": "calibrated: a test",
+                                                     "layer_cost_us": "fitted by a test"})
+    host_file.write_text(json.dumps(calibrated.to_dict()))
+    assert (get_profile("host").efficiency, get_profile("host").layer_cost_us) == (0.123, 45.6)
 
     host_file.write_text("{not json")
     with pytest.raises(EdgeLlamaError, match="host_profile.json"):
