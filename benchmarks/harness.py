@@ -128,23 +128,30 @@ def _vm_hwm_kb(pid: int) -> int:
         return 0
 
 
+def _wait_peak(proc: subprocess.Popen) -> tuple[int, float]:
+    """Wait for proc: its exit code and its own peak RSS in MB.
+
+    wait4's ru_maxrss starts from this process's high-water mark when it forked (Linux carries it
+    through fork and exec): after an in-process GGUF write it says GB for a child that took MB. A
+    figure above our own peak is the child's; otherwise the child's VmHWM, polled while it ran."""
+    hwm_kb = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        hwm_kb = max(hwm_kb, _vm_hwm_kb(proc.pid))
+        time.sleep(0.1)
+    maxrss_kb = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss  # bytes on macOS
+    own_kb = maxrss_kb if maxrss_kb > _vm_hwm_kb(os.getpid()) or not hwm_kb else hwm_kb
+    return os.waitstatus_to_exitcode(status), own_kb / 1024
+
+
 def _run_logged(cmd: list[str], logfile: Path, **kw) -> None:
     log("$ " + " ".join(map(str, cmd)))
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
-        hwm_kb = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            hwm_kb = max(hwm_kb, _vm_hwm_kb(proc.pid))
-            time.sleep(0.25)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    # wait4's ru_maxrss starts from this process's own RSS when it forked (Linux carries the parent's high-water
-    # mark through fork and exec): after an in-process GGUF write it says GB for a build that took MB. The child's
-    # VmHWM, polled, is its own peak; ru_maxrss stays the fallback for a child too short to be seen.
-    peak_mb = (hwm_kb or usage.ru_maxrss) / 1024
+        proc.returncode, peak_mb = _wait_peak(proc)
     with open(logfile, "a") as f:
         f.write(f"harness: {time.perf_counter() - t0:.1f} s, peak RSS {peak_mb:.0f} MB\n")
     if proc.returncode != 0:
@@ -260,23 +267,20 @@ SYSTEMS = [
 
 # -- measuring ---------------------------------------------------------------------------------------
 def measure(cmd: list[str]) -> dict:
-    """Run one measuring subprocess; its JSON answer plus its own peak RSS (wait4, so no other child counts)."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
-        out = proc.stdout.read()
-        proc.stdout.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    """Run one measuring subprocess; its JSON answer plus its own peak RSS (_wait_peak: no other child counts)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        proc.returncode, peak = _wait_peak(proc)
         if proc.returncode != 0:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
             raise SystemExit(f"harness: {' '.join(cmd)} failed ({proc.returncode}):\n  " + "\n  ".join(tail))
-    text = out.decode().strip()
+        out.seek(0)
+        text = out.read().decode().strip()
     try:
         result = json.loads(text)  # edgellama bench --json: one indented object
     except json.JSONDecodeError:
         result = json.loads(text.splitlines()[-1])  # the runners: one line, last
-    peak = usage.ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else usage.ru_maxrss / 1024
     result["peak_rss_mb"] = peak  # the same yardstick for every system
     if "runs" in result:  # edgellama bench's answer: its one run's generated ids
         result["token_ids"] = result["runs"][0]["token_ids"]

@@ -53,13 +53,10 @@ def main() -> int:
     sym = not args.asymmetric
     variant = export_variant(args.block, sym, WORK / f"edgellama-int4-fast-table{args.block}{'s' if sym else 'a'}")
 
-    def ed(bundle: Path) -> list[str]:
-        return [sys.executable, "-m", "edgellama", "bench", str(bundle), "--json", "--repeat", "1",
-                "--prompt-tokens", "128", "--new-tokens", "128", "--threads", "2"]
-
-    cmds = {"int4-fast": ed(WORK / "edgellama-int4-fast"), variant.name: ed(variant),
-            "genai tuned": [sys.executable, str(HERE.parent / "bench_genai.py"), "run", str(WORK / "genai-int4-tuned"),
-                            str(WORK / "prompt-128.json"), "--new-tokens", "128"]}
+    cfg, prompt = harness.Config(), WORK / "prompt-128.json"  # the harness's defaults: 128 + 128 tokens, 2 threads
+    cmds = {"int4-fast": harness.edgellama_command(WORK / "edgellama-int4-fast", prompt, cfg),
+            variant.name: harness.edgellama_command(variant, prompt, cfg),
+            "genai tuned": harness.genai_command(WORK / "genai-int4-tuned", prompt, cfg)}
     runs: dict[str, list[dict]] = {k: [] for k in cmds}
     for r in range(args.rounds):
         for name, cmd in cmds.items():
