@@ -213,6 +213,8 @@ class GraphBuilder:
 LAST_TOKEN_SLICES = ("/model/LastToken/attn", "/model/LastToken/residual")
 # How many copies of the last row a fast graph appends (0 or 1, see _pad_row); evaluate.py pins it to 0.
 PAD_ROW_COUNT = "/model/PadRow/Count"
+# Each layer's padding nodes end with these names (f"{layer}/attn/PadRowQ", ...): benchmarks strip them.
+PAD_ROW_NODE, DROP_PAD_ROW_NODE = "/attn/PadRow", "/attn/DropPadRow"
 
 
 @dataclass
@@ -316,7 +318,7 @@ def build_llama_graph(
         pres_k, pres_v = B.present_name(i, "key"), B.present_name(i, "value")
         if gqa:
             if pads:
-                q, k, v = (t and g.node("Pad", [t, pads], name=f"{n}/attn/PadRow{c}", mode="edge")
+                q, k, v = (t and g.node("Pad", [t, pads], name=f"{n}{PAD_ROW_NODE}{c}", mode="edge")
                            for t, c in zip((q, k, v), "QKV"))
             attn, _, _ = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos_cache, sin_cache],
                                 name=f"{n}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN,
@@ -324,7 +326,7 @@ def build_llama_graph(
                                 scale=float(hd ** -0.5), local_window_size=-1)
             g.nodes[-1].output[1], g.nodes[-1].output[2] = pres_k, pres_v
             if pads:
-                attn = g.node("Slice", [attn, g.const([0]), rows, g.const([1])], name=f"{n}/attn/DropPadRow")
+                attn = g.node("Slice", [attn, g.const([0]), rows, g.const([1])], name=f"{n}{DROP_PAD_ROW_NODE}")
         else:
             attn = _standard_attention(g, n, q, k, v, cos, sin, mask, past_k, past_v, pres_k, pres_v)
         if opts.logits == "last" and i == cfg.num_hidden_layers - 1:

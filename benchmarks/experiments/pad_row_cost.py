@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgellama.export.onnx_graph import PAD_ROW_COUNT
+from edgellama.export.onnx_graph import DROP_PAD_ROW_NODE, PAD_ROW_COUNT, PAD_ROW_NODE
 from edgellama.runtime.generate import load
 
 
@@ -32,7 +32,7 @@ def unpadded_copy(bundle: Path, out: Path) -> Path:
     g = model.graph
     bypass, keep = {}, []
     for node in g.node:
-        if node.op_type == "Pad" and "/attn/PadRow" in node.name or node.name.endswith("/attn/DropPadRow"):
+        if node.op_type == "Pad" and PAD_ROW_NODE in node.name or node.name.endswith(DROP_PAD_ROW_NODE):
             bypass[node.output[0]] = node.input[0]
         elif node.name == PAD_ROW_COUNT:
             g.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), node.output[0]))
