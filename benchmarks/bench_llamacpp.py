@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VENV = HERE / "work" / "venv-llamacpp"
 PACKAGE = "llama-cpp-python==0.3.36"
-# Every x86 vector extension this class of machine has, named one by one instead of GGML_NATIVE:
-# these VMs report AMX in cpuinfo, and -march=native's AMX tile path segfaults in llama_decode here
-# (ggml_backend_amx repacks the weights, then the first decode crashes), so AMX stays off.
-CMAKE_ARGS = " ".join(f"-DGGML_{flag}={'ON' if on else 'OFF'}" for flag, on in (
-    ("NATIVE", False), ("AVX", True), ("AVX2", True), ("FMA", True), ("F16C", True), ("BMI2", True),
-    ("AVX_VNNI", True), ("AVX512", True), ("AVX512_VBMI", True), ("AVX512_VNNI", True), ("AVX512_BF16", True),
-    ("AMX_TILE", False), ("AMX_INT8", False), ("AMX_BF16", False)))
+# The x86 vector extensions this machine's /proc/cpuinfo lists, named one by one instead of
+# GGML_NATIVE: some of these VMs report AMX, and -march=native's AMX tile path segfaults in
+# llama_decode there (ggml_backend_amx repacks the weights, then the first decode crashes), so AMX
+# stays off; and a flag named ON that the CPU lacks (AVX_VNNI on an AMD EPYC VM) dies of SIGILL.
+CPU_FLAGS = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX_VNNI": "avx_vnni",
+             "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+             "AVX512_BF16": "avx512_bf16"}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+
+
+def cmake_args(flags: set[str] | None = None) -> str:
+    have = cpu_flags() if flags is None else flags
+    named = [("NATIVE", False)] + [(g, f in have) for g, f in CPU_FLAGS.items()] + \
+        [("AMX_TILE", False), ("AMX_INT8", False), ("AMX_BF16", False)]
+    return " ".join(f"-DGGML_{flag}={'ON' if on else 'OFF'}" for flag, on in named)
+
+
 FTYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values (llama.h)
 
 
@@ -35,16 +53,19 @@ def venv_python() -> Path:
 
 def ensure_venv(log=print) -> Path:
     """Create the venv and compile llama-cpp-python into it (minutes), once."""
-    py = venv_python()
-    if py.exists() and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+    py, args, stamp = venv_python(), cmake_args(), VENV / "cmake-args.txt"
+    built_here = stamp.is_file() and stamp.read_text() == args  # a venv carried from another CPU is rebuilt
+    if built_here and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
         return py
-    log(f"building {PACKAGE} into {VENV} (compiles llama.cpp: several minutes)")
+    log(f"building {PACKAGE} into {VENV} (compiles llama.cpp: several minutes): {args}")
+    shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    env = {**os.environ, "CMAKE_ARGS": args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     with open(HERE / "work" / "llamacpp-build.log", "w") as f:
         # --no-cache-dir: a wheel cached from another flag set would be reused silently
         subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", PACKAGE], check=True, env=env, stdout=f,
                        stderr=subprocess.STDOUT)
+    stamp.write_text(args)
     return py
 
 

@@ -195,9 +195,9 @@ def gguf_f16(w: Workload, hf: Path) -> Path:
 def llamacpp_build(ftype: str) -> Callable[[Workload, Path, Config], Path]:
     def build(w: Workload, hf: Path, cfg: Config) -> Path:
         out = w.dir / f"model-{ftype.lower()}.gguf"
+        py = bench_llamacpp.ensure_venv(log)  # also when the GGUF exists: the runs need a build for this CPU
         if not out.is_file():
             src = gguf_f16(w, hf)
-            py = bench_llamacpp.ensure_venv(log)
             _run_logged([str(py), str(HERE / "bench_llamacpp.py"), "quantize", str(src), str(out), ftype],
                         w.dir / f"quantize-{ftype.lower()}.log")
         return out
