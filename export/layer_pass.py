@@ -70,6 +70,9 @@ class LayerPass(DerivedStore):
             return self._embedding()
         if name in (NORM, HEAD):
             self._finish()
+            if name == HEAD and self.cfg.tie_word_embeddings:  # the table again (a quantized tied head): one read
+                table = self._served.pop(HEAD, None)                # for it and the reference logits, if any
+                return self.base.get(EMBED) if table is None else table
             return self._served.get(name) if name in self._served else self.base.get(name)
         return self.base.get(name)
 
@@ -119,8 +122,9 @@ class LayerPass(DerivedStore):
                 self.recorder.record("lm_head", hidden[0])
                 self._take_statistics(["lm_head"])
             if self.verify is not None:
-                head = self._served.get(HEAD)
-                head = self.base.get(EMBED) if head is None else head  # tied: read the table again, not kept
+                if HEAD not in self._served:  # tied: read the table again, kept only until get(HEAD)
+                    self._served[HEAD] = self.base.get(EMBED)
+                head = self._served[HEAD]
                 with torch.inference_mode():
                     self.reference_logits = torch.nn.functional.linear(hidden[-1], torch.from_numpy(head))[0].numpy()
                 del head

@@ -360,7 +360,9 @@ def build_llama_graph(
 
     inputs += getattr(g.emitter, "extra_inputs", [])  # e.g. LoRA slots: inputs an emitter added while building
     h, _ = g.add_norm(x, residual, get("model.norm.weight"), "model.norm")
-    logits = g.emitter.lm_head(g, h, None if tied else get("lm_head.weight"), tied)
+    # A tied head gets the table again only when the emitter deferred it (quantize: the head's statistics).
+    head = get("lm_head.weight") if not tied or getattr(g.emitter, "reads_tied_head", False) else None
+    logits = g.emitter.lm_head(g, h, head, tied)
     g.nodes.append(helper.make_node("Identity", [logits], [B.LOGITS], name="/lm_head/Output"))
 
     graph_inputs = [_value_info(s) for s in inputs]

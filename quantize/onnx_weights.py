@@ -32,6 +32,7 @@ from edgellama.quantize.packing import (dequantize_linear, gather_block_quantize
 # the same kernel by onnxruntime; the session entry below makes that choice explicit.
 DEFAULT_ACCURACY_LEVEL = 4
 MS_DOMAIN = "com.microsoft"
+TIED_EMBEDDING_OUT = "/model/embed_tokens/out"  # a deferred tied table's embedding output (QuantizedWeights)
 PRECISIONS = ("keep", "int8", "int4")
 METHOD_NAMES = METHODS + ("gptq", "mixed")
 
@@ -137,6 +138,7 @@ class QuantizedWeights:
         self.fast = form == "fast"
         self.tensor_bits: dict[str, int] = {}
         self._tied_table: dict[str, str] | None = None
+        self._deferred_table: tuple[int, str] | None = None  # (node index, ids) of a tied table not yet built
 
     # -- precision policy ---------------------------------------------------------------------
     def bits_for(self, name: str) -> int:
@@ -213,7 +215,8 @@ class QuantizedWeights:
                 qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits),
                                     table=True)
             else:
-                qt = self._quantize(w, bits, block_size=self.embedding_block, table=True)
+                head = self.act_scales.get("lm_head") if self.cfg.tie_word_embeddings else None  # as embedding()
+                qt = self._quantize(w, bits, head, block_size=self.embedding_block, table=True)
         else:
             bits = self.bits_for(name)
             qt = self._quantize(w, bits, self.act_scales.get(name), name, self.block_for(name, bits))
@@ -281,16 +284,30 @@ class QuantizedWeights:
             outs.append(self._linear_q(g, x, sub, w[start:stop], bits, act, parts[0][0]))
         return g.node("Concat", outs, name=f"{name}/ConcatParts", axis=-1)
 
+    @property
+    def reads_tied_head(self) -> bool:
+        """True once a tied table waits for lm_head(): the graph builder then hands it the table again."""
+        return self._deferred_table is not None
+
     def embedding(self, g, ids: str, w: np.ndarray, tied: bool) -> str:
         o = self.opts
         if o.embeddings == "keep":
             return self.fallback.embedding(g, ids, w, tied)
-        bits = self.table_bits("model.embed_tokens")
-        qt = self._quantize(w, bits, block_size=self.embedding_block, table=True)
-        self.tensor_bits["model.embed_tokens"] = bits
+        self.tensor_bits["model.embed_tokens"] = self.table_bits("model.embed_tokens")
+        if tied and o.lm_head == o.embeddings:
+            # A tied table is the lm_head too, and its search weighs each column by the head's input
+            # magnitude (the final norm's outlier channels carry the logits): int4-fast's KLD 0.350 ->
+            # 0.319 at the same bytes (docs/quantization.md). Calibration reaches the head's input
+            # only after the last layer, so lm_head() quantizes the table and splices its nodes here.
+            self._deferred_table = (len(g.nodes), ids)
+            return TIED_EMBEDDING_OUT
+        qt = self._quantize(w, self.tensor_bits["model.embed_tokens"], block_size=self.embedding_block, table=True)
+        return self._gather(g, ids, qt, share=False)
+
+    def _gather(self, g, ids: str, qt: QuantizedTensor, share: bool) -> str:
+        """The embedding's nodes; with share, the table is also kept for the lm_head (_tied_table)."""
         H = self.cfg.hidden_size
         name = "model.embed_tokens"
-        share = tied and o.lm_head == o.embeddings
         if not self.fast:
             table = self._dq(g, name, qt, "nk")  # [V, H] float
             if share:
@@ -322,6 +339,21 @@ class QuantizedWeights:
         return g.node("GatherBlockQuantized", inputs, name="/model/embed_tokens/GatherBlockQuantized",
                       domain=MS_DOMAIN, **gw.attributes)
 
+    def _build_tied_table(self, g, w: np.ndarray) -> None:
+        """Quantize the deferred tied table with the head's statistics and put its embedding nodes
+        where embedding() was called, their output renamed to the name it returned."""
+        mark, ids = self._deferred_table
+        self._deferred_table = None
+        qt = self._quantize(w, self.tensor_bits["model.embed_tokens"], self.act_scales.get("lm_head"),
+                            block_size=self.embedding_block, table=True)
+        start = len(g.nodes)
+        out = self._gather(g, ids, qt, share=True)
+        nodes = g.nodes[start:]
+        del g.nodes[start:]
+        for n in nodes:
+            n.output[:] = [TIED_EMBEDDING_OUT if o == out else o for o in n.output]
+        g.nodes[mark:mark] = nodes
+
     def lm_head(self, g, x: str, w: np.ndarray | None, tied: bool) -> str:
         o = self.opts
         if o.lm_head == "keep":
@@ -329,6 +361,10 @@ class QuantizedWeights:
                 raise EdgeLlamaError("a tied lm_head cannot stay float when the embedding is quantized: "
                                      "use the same precision for --embeddings and --lm-head")
             return self.fallback.lm_head(g, x, w, tied)
+        if self._deferred_table is not None:
+            if w is None:
+                raise ValueError("lm_head(): a deferred tied table needs the table (reads_tied_head)")
+            self._build_tied_table(g, w)
         if self._tied_table is not None:
             self.tensor_bits["lm_head"] = self.tensor_bits["model.embed_tokens"]
             t = self._tied_table
@@ -341,7 +377,7 @@ class QuantizedWeights:
                           accuracy_level=o.accuracy_level, **attrs)
         bits = self.table_bits("lm_head")
         qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits),
-                                    table=True)
+                            table=True)
         self.tensor_bits["lm_head"] = bits
         if self.fast:
             return self._matmul_nbits(g, x, "lm_head", qt)

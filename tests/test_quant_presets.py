@@ -71,10 +71,10 @@ def test_quantize_int4_fast_writes_the_fast_kernel_format(exported, tmp_path, ca
     gather, = nodes(out, "GatherBlockQuantized")
     assert gather.input[0] == head.input[1]  # the tied table is stored once
     inits = scan_initializers(out / "model.onnx")
-    # Only the table has zero points (asymmetric): 4 bits per block of 16.
+    # Only the table has zero points (asymmetric): 4 bits per block, a row's padded to whole bytes.
     assert sorted(n for n in inits if n.endswith(("qzeros", "gather_zeros"))) == \
         ["model.embed_tokens.gather_zeros", "model.embed_tokens.qzeros"]
-    assert inits["model.embed_tokens.qzeros"].length == 128256 * (64 // FAST_TABLE_BLOCK) // 2
+    assert inits["model.embed_tokens.qzeros"].length == 128256 * -(-(64 // FAST_TABLE_BLOCK) // 2)
     # K = 64 pads to one block of 128: [N, 1, 64 bytes] codes.
     assert inits["model.layers.0.mlp.down_proj.qweight"].length == 64 * 1 * 64
     assert "preset int4-fast" in run_cli(["inspect", out], capsys).out
@@ -137,3 +137,37 @@ def test_plan_prices_int4_fast_like_its_bundle(exported, tmp_path):
     assert p.weights_bytes < default.weights_bytes and p.predicted_decode_tok_s > default.predicted_decode_tok_s
     # The bundle's own record is planned as int4-fast (devices hint in the manifest).
     assert m.extras["devices"]["quant"] == "int4-fast"
+
+
+def test_tied_table_is_searched_with_the_heads_inputs(tiny_llama):
+    """A tied int4 table is also the lm_head: its hqq search weighs columns by the head's input
+    magnitudes, which calibration reaches only after the last layer, so the emitter builds the table
+    at lm_head() and splices its nodes back where the embedding was asked for."""
+    from onnx import numpy_helper
+
+    from edgellama.export.onnx_graph import FloatWeights, GraphBuilder, GraphOptions, WeightSink
+    from edgellama.export.sources import load_source
+    from edgellama.quantize.methods import quantize
+    from edgellama.quantize.onnx_weights import TIED_EMBEDDING_OUT, QuantizedWeights
+    from edgellama.quantize.packing import matmul_nbits
+
+    src = load_source(tiny_llama("gqa3").folder)  # tied, hidden 96: two blocks of 64, trimmed
+    cfg, w = src.config, src.tensors.get("model.embed_tokens.weight")
+    head_in = np.random.default_rng(0).gamma(0.3, size=cfg.hidden_size).astype(np.float32)  # outlier channels
+    em = QuantizedWeights(cfg, QuantOptions.from_dict({"preset": "int4-fast"}), "fast", FloatWeights(),
+                          {"lm_head": head_in}, {})
+    g = GraphBuilder(cfg, GraphOptions(), WeightSink(None), em)
+    x = em.embedding(g, "input_ids", w, tied=True)
+    assert x == TIED_EMBEDDING_OUT and em.reads_tied_head and not g.inits
+    g.node("Identity", [x], name="layers")  # stands for everything between the embedding and the head
+    em.lm_head(g, "layers/out", w, tied=True)
+    produced = {o: i for i, n in enumerate(g.nodes) for o in n.output}
+    assert produced[TIED_EMBEDDING_OUT] < produced["layers/out"] < produced["lm_head/MatMulNBits/out"]
+    gather, = [n for n in g.nodes if n.op_type == "GatherBlockQuantized"]
+    head, = [n for n in g.nodes if n.op_type == "MatMulNBits"]
+    assert gather.input[0] == head.input[1] == "model.embed_tokens.qweight"
+    stored = {t.name: numpy_helper.to_array(t) for t in g.inits}["model.embed_tokens.qweight"]
+    codes = lambda act: matmul_nbits(quantize(w, 4, FAST_TABLE_BLOCK, "hqq", symmetric=False,  # noqa: E731
+                                              act_scale=act, scale_dtype="float16")).B
+    weighted, uniform = codes(head_in), codes(None)
+    assert np.array_equal(stored, weighted) and not np.array_equal(weighted, uniform)
