@@ -46,8 +46,12 @@ CONFIGS: list[tuple[str, dict]] = [
                                                "embeddings": "int4", "lm_head": "int4", "embedding_block_size": 32}),
     ("fast: hqq sym b128, emb/head int8 b32", {"bits": 4, "method": "hqq", "block_size": 128, "symmetric": True,
                                                "embedding_block_size": 32}),
-    ("fast: hqq sym b128, emb/head int4 asym b32", {"preset": "int4-fast", "embedding_block_size": 32}),
-    ("int4-fast preset (emb/head int4 asym b16)", {"preset": "int4-fast"}),
+    # The int4-fast rows' tied tables are searched with the lm_head's input magnitudes (onnx_weights.py).
+    ("fast: hqq sym b128, emb/head int4 asym b16, head-weighted", {"preset": "int4-fast", "embedding_block_size": 16}),
+    ("fast: hqq sym b128, emb/head int4 asym b32, head-weighted", {"preset": "int4-fast", "embedding_block_size": 32}),
+    ("fast: hqq sym b128, emb/head int4 sym b128, head-weighted", {"preset": "int4-fast", "embedding_block_size": 128,
+                                                                   "table_symmetric": True}),
+    ("int4-fast preset (emb/head int4 asym b64, head-weighted)", {"preset": "int4-fast"}),
 ]
 
 

@@ -1,14 +1,14 @@
 """Would int4-fast catch onnxruntime-genai's tuned build with a coarser embedding/lm_head table?
 
-    python benchmarks/experiments/fast_table_block.py [--block 32] [--asymmetric] [--rounds 4]
+    python benchmarks/experiments/fast_table_block.py [--block 64] [--asymmetric] [--rounds 4]
 
-int4-fast stores its tied table in asymmetric int4 blocks of 16, which MatMulNBits packs to ~8 bits
-per weight for the head; genai's head is symmetric block 128 (~4.5 bits packed). This exports the
-Llama-3.2-1B shape with int4-fast's table changed (the preset's options overridden in this process
-only) and benches it interleaved with the int4-fast and genai-tuned artifacts the harness built
-(`python benchmarks/harness.py --workloads 1b --prepare-only`): decode, TTFT and peak RSS per round,
-each run its own process, and the median per-round ratio to genai tuned. Quality of the variant:
-`benchmarks/quality.py` on de-gridded SmolLM2 with the same override (docs/quantization.md, Presets).
+MatMulNBits packs a table to ~8.25 bits per weight at asymmetric block 16, ~6.1 at block 32, ~5.1 at
+64, 4.5 at symmetric 128 (genai's head). This exports the Llama-3.2-1B shape with int4-fast's
+table changed (the preset's options overridden in this process only) and benches it interleaved
+with the int4-fast and genai-tuned artifacts the harness built (`python benchmarks/harness.py
+--workloads 1b --prepare-only`): decode, TTFT and peak RSS per round, each run its own process,
+and the median per-round ratio to genai tuned. Quality of the variant: `benchmarks/quality.py` on
+de-gridded SmolLM2 with the same override (docs/quantization.md, Presets).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def export_variant(block: int, symmetric: bool, out: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--asymmetric", action="store_true", help="keep zero points (default: symmetric)")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
