@@ -273,6 +273,7 @@ def build_llama_graph(
     del embed
 
     # Shared per-step tensors.
+    pads = None  # the padding row's Pad amounts (fast graph only)
     if gqa:
         mask_sum = g.node("ReduceSum", [B.ATTENTION_MASK, g.const([1])], name="/model/mask/ReduceSum", keepdims=0)
         seqlens = g.node("Cast", [g.node("Sub", [mask_sum, g.const(1)], name="/model/mask/Sub")],
@@ -281,7 +282,6 @@ def build_llama_graph(
                        name="/model/mask/TotalLen", axis=0)
         # One position more than the context: the padding row's (_pad_row).
         cos_cache, sin_cache = _rope_tables(g, cfg, opts.max_context + 1, full=False)
-        pads = None
         if opts.pad_row:
             pads, seqlens, total = _pad_row(g, seqlens, total, opts.max_context + 1)
             rows = g.node("Shape", [B.INPUT_IDS], name="/model/PadRow/Rows", start=1, end=2)
@@ -368,6 +368,8 @@ def build_llama_graph(
     graph_inputs = [_value_info(s) for s in inputs]
     if opts.logits == "last":  # not in the manifest's inputs: those are what every run must feed
         graph_inputs.append(keep_input)
+    if pads:
+        graph_inputs.append(helper.make_tensor_value_info(B.PAD_ROWS, TensorProto.INT64, []))
     graph = helper.make_graph(g.nodes, "edgellama_llama3", graph_inputs,
                               [_value_info(s) for s in outputs], initializer=g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
@@ -379,14 +381,16 @@ def build_llama_graph(
 def _pad_row(g: GraphBuilder, seqlens: str, total: str, positions: int) -> tuple[str, str, str]:
     """Give every attention run a copy of its last row, when the cache has a slot for it.
 
-    Speculative decoding verifies K drafted tokens in one run and promises plain greedy's tokens.
+    Speculative decoding verifies K drafted tokens in one run and promises greedy's tokens.
     But onnxruntime's attention takes other kernels for a one-row run than for a several-row run
     (MLAS's one-row GEMM), whose sums round differently (1e-6), and MatMulNBits' int8 activations
     (accuracy_level 4) turn such an ulp into a different rounding step: 0.3-0.8 logit differences
     on SmolLM2 int4, enough to change greedy tokens. GroupQueryAttention's rows are the same in any
     run of two or more rows, so each attention gets one more query/key/value row (Pad, mode edge)
     and its output drops it again (Slice): the copy's cache entry lies past the last token and is
-    overwritten by the next run. Cost: 2-8% of decode (benchmarks/experiments/pad_row_cost.py).
+    overwritten by the next run. Cost: 2-8% of decode at a 128-token context, 37% at 2048
+    (benchmarks/experiments/pad_row_cost.py), so the row count is an optional input (B.PAD_ROWS,
+    default 0): plain decode runs one row, a speculating runtime feeds 1 to every run.
     Only attention is padded: MatMulNBits rows are bitwise M-invariant at blocks 16 and 32 (the
     default int4 and int8 presets); padding the whole network cost 16% / 10% of decode, for
     int4-fast's block-128 linears, whose one-row kernel differs by 1e-6.
@@ -396,7 +400,8 @@ def _pad_row(g: GraphBuilder, seqlens: str, total: str, positions: int) -> tuple
     slots = g.node("Gather", [g.node("Shape", [B.past_name(0, "key")], name="/model/PadRow/CacheShape"), g.const(2)],
                    name="/model/PadRow/CacheSlots", axis=0)
     slots = g.node("Min", [slots, g.const(positions)], name="/model/PadRow/Slots")
-    count = g.node("Min", [g.node("Sub", [slots, total], name="/model/PadRow/Room"), g.const(1)], name=PAD_ROW_COUNT)
+    g.init(B.PAD_ROWS, np.array(0, dtype=np.int64))  # overridable: the runtime feeds 1 when it speculates
+    count = g.node("Min", [g.node("Sub", [slots, total], name="/model/PadRow/Room"), B.PAD_ROWS], name=PAD_ROW_COUNT)
     pads = g.node("Concat", [g.const([0, 0, 0, 0]), g.node("Unsqueeze", [count, g.const([0])], name="/model/PadRow/Count1"),
                              g.const([0])], name="/model/PadRow/Pads", axis=0)
     seqlens = g.node("Add", [seqlens, g.node("Cast", [count], name="/model/PadRow/CountInt32", to=TensorProto.INT32)],

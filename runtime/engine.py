@@ -198,6 +198,10 @@ class OnnxEngine:
         self.multi_logits = g.logits == "all" or B.LOGITS_TO_KEEP in overridable
         if g.logits == "last" and self.multi_logits:
             self._io.bind_ortvalue_input(B.LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(self._keep))
+        # The padding row's switch (B.PAD_ROWS), bound once like _keep: exact_rows writes into it.
+        self._pad_rows = np.zeros((), dtype=np.int64)
+        if B.PAD_ROWS in overridable:
+            self._io.bind_ortvalue_input(B.PAD_ROWS, ort.OrtValue.ortvalue_from_numpy(self._pad_rows))
         # A prefill's activations grow onnxruntime's CPU arena to fit the longest prompt seen, and the
         # arena keeps that peak for good: shrinking it after multi-token runs keeps RSS flat over a
         # long chat that re-prefills its history (decode steps, the hot path, skip it).
@@ -276,6 +280,17 @@ class OnnxEngine:
         self.pos = n_tokens
 
     # -- forward ------------------------------------------------------------------------------
+    @property
+    def exact_rows(self) -> bool:
+        """Whether every attention run gets the padding row, so that a decode step's logits are bitwise
+        a verification run's rows (speculative decoding turns it on). Only the attention's rounding
+        changes (~1e-6): the cache holds the same numbers either way, so a session may switch."""
+        return bool(self._pad_rows)
+
+    @exact_rows.setter
+    def exact_rows(self, on: bool) -> None:
+        self._pad_rows[()] = int(bool(on))
+
     def forward(self, ids, *, all_logits: bool = False, last: int | None = None) -> np.ndarray:
         """Run new tokens through the model. Returns logits [vocab] for the last one ([n, vocab] if
         all_logits; [last, vocab] for the last `last` ones, which needs `multi_logits`)."""

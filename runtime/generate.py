@@ -188,6 +188,21 @@ def _start(model: Model, provider: str | None, threads: int | None, max_context:
 def _generate_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int],
                   speculation: Speculation | None = None,
                   constraint: TokenConstraint | None = None) -> Iterator[tuple[int, Stats, str | None]]:
+    # Speculation runs every step with the padding row (engine.exact_rows), so a verified row is the
+    # step's very number; plain decode skips it unless the caller turned it on for a bitwise comparison.
+    engine = model.engine
+    exact = getattr(engine, "exact_rows", False)  # Core ML's engine has no padding row
+    if speculation is not None:
+        engine.exact_rows = True
+    try:
+        yield from _decode_ids(model, new_ids, params, history, speculation, constraint)
+    finally:
+        if speculation is not None:
+            engine.exact_rows = exact
+
+
+def _decode_ids(model: Model, new_ids: list[int], params: SamplingParams, history: list[int],
+                speculation: Speculation | None, constraint: TokenConstraint | None) -> Iterator[tuple[int, Stats, str | None]]:
     """The decode loop: prefill new_ids on top of the cache, then take tokens until a stop.
 
     constraint (e.g. a JSON schema's grammar) masks the logits before each sample, is told each

@@ -4,8 +4,9 @@
 
 Makes a copy of BUNDLE's graph with the padding bypassed (each attention's Pad and DropPadRow
 nodes removed, the count pinned to 0: the graph as it was before exact verification), loads both
-in one process and times greedy decode steps after the same random prompt, interleaved; prints
-each round's tok/s and the median ratio padded / unpadded.
+in one process and times greedy decode steps after the same random prompt, interleaved, BUNDLE
+with every run padded (engine.exact_rows, as speculation runs it); prints each round's tok/s and
+the median ratio padded / unpadded. Plain decode runs unpadded: this is what speculating costs.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix=".pad-row-", dir=args.bundle.resolve().parent))
     try:
-        models = {"unpadded": load(unpadded_copy(args.bundle, tmp / "b"), verify=False, threads=2),
-                  "padded": load(args.bundle, threads=2)}
+        padded = load(args.bundle, threads=2)
+        padded.engine.exact_rows = True  # a bundle with the pad_rows input pads only when asked
+        models = {"unpadded": load(unpadded_copy(args.bundle, tmp / "b"), verify=False, threads=2), "padded": padded}
         prompt = [int(t) for t in np.random.default_rng(0).integers(100, 20000, args.prompt_tokens)]
         speed: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(args.rounds):
