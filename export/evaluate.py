@@ -149,9 +149,12 @@ def all_logits_bundle(bundle_dir: Path, manifest: B.Manifest) -> Iterator[tuple[
     del g.node[:]
     g.node.extend(keep)
     used = {name for node in keep for name in node.input}
-    unused = [t for t in g.initializer if t.name not in used]  # the slices' bounds
+    unused = [t for t in g.initializer if t.name not in used]  # the slices' bounds, the padding row's switch
     for t in unused:
         g.initializer.remove(t)
+    gone = {t.name for t in unused}  # an optional input whose initializer went would become a required one
+    for inp in [i for i in g.input if i.name in gone]:
+        g.input.remove(inp)
     for out in g.output:
         if out.name == B.LOGITS:
             out.type.tensor_type.shape.dim[1].dim_param = "sequence_length"

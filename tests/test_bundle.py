@@ -59,8 +59,10 @@ def test_io_signature_matches_the_graph(exported, form):
     g, spec = b.manifest.graph, b.model.spec
     inputs, outputs = onnx_signature(b.dir / g.file)
     # Plus, in a last-logits graph, the optional logits_to_keep (an initializer with a default of 1,
-    # so not among the inputs every run must feed): speculative decoding's verification.
+    # so not among the inputs every run must feed): speculative decoding's verification; and in a
+    # fast graph with the padding row, the optional pad_rows (default 0): speculation's exact steps.
     optional = [["logits_to_keep", "int64", [1]]] if g.logits == "last" else []
+    optional += [["pad_rows", "int64", []]] if form == "fast" else []
     assert [[s.name, s.dtype, s.shape] for s in g.inputs] + optional == inputs
     assert [[s.name, s.dtype, s.shape] for s in g.outputs] == outputs
 
