@@ -215,7 +215,9 @@ class QuantizedWeights:
                 qt = self._quantize(w, bits, self.act_scales.get("lm_head"), "lm_head", self.block_for("lm_head", bits),
                                     table=True)
             else:
-                head = self.act_scales.get("lm_head") if self.cfg.tie_word_embeddings else None  # as embedding()
+                # A tied table is the lm_head too: its search weighs columns by the head's inputs
+                # (embedding() defers it until they are known); a Gather alone reads no activations.
+                head = self.act_scales.get("lm_head") if self.cfg.tie_word_embeddings else None
                 qt = self._quantize(w, bits, head, block_size=self.embedding_block, table=True)
         else:
             bits = self.bits_for(name)
@@ -301,8 +303,7 @@ class QuantizedWeights:
             # only after the last layer, so lm_head() quantizes the table and splices its nodes here.
             self._deferred_table = (len(g.nodes), ids)
             return TIED_EMBEDDING_OUT
-        qt = self._quantize(w, self.tensor_bits["model.embed_tokens"], block_size=self.embedding_block, table=True)
-        return self._gather(g, ids, qt, share=False)
+        return self._gather(g, ids, self.quantize_tensor("model.embed_tokens", w), share=False)
 
     def _gather(self, g, ids: str, qt: QuantizedTensor, share: bool) -> str:
         """The embedding's nodes; with share, the table is also kept for the lm_head (_tied_table)."""
@@ -344,10 +345,8 @@ class QuantizedWeights:
         where embedding() was called, their output renamed to the name it returned."""
         mark, ids = self._deferred_table
         self._deferred_table = None
-        qt = self._quantize(w, self.tensor_bits["model.embed_tokens"], self.act_scales.get("lm_head"),
-                            block_size=self.embedding_block, table=True)
         start = len(g.nodes)
-        out = self._gather(g, ids, qt, share=True)
+        out = self._gather(g, ids, self.quantize_tensor("model.embed_tokens", w), share=True)
         nodes = g.nodes[start:]
         del g.nodes[start:]
         for n in nodes:
